@@ -1,0 +1,72 @@
+"""pytest-celery-retry: test Celery retry behaviour for real, on a virtual clock.
+
+Importing this package does not import Celery: the worker and the broker, which need it,
+load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+__version__ = "0.1.0"
+
+pytest.register_assert_rewrite("pytest_celery_retry.assertions")
+
+from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
+    assert_backoff,
+    assert_not_retried,
+    assert_publish_retries,
+    assert_retried,
+)
+from .clock import VirtualClock  # noqa: E402
+from .errors import (  # noqa: E402
+    CeleryRetryError,
+    ConfigurationError,
+    EndlessRetryError,
+    UsageError,
+)
+from .records import (  # noqa: E402
+    Attempt,
+    BrokerOperation,
+    DeliveredMessage,
+    PublishRecord,
+    TaskRun,
+)
+
+if TYPE_CHECKING:
+    from .broker import InMemoryBroker
+    from .worker import RetryWorker
+
+_LAZY = {"InMemoryBroker": "broker", "RetryWorker": "worker"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "Attempt",
+    "BrokerOperation",
+    "CeleryRetryError",
+    "ConfigurationError",
+    "DeliveredMessage",
+    "EndlessRetryError",
+    "InMemoryBroker",
+    "PublishRecord",
+    "RetryWorker",
+    "TaskRun",
+    "UsageError",
+    "VirtualClock",
+    "__version__",
+    "assert_backoff",
+    "assert_not_retried",
+    "assert_publish_retries",
+    "assert_retried",
+]

@@ -1,0 +1,470 @@
+"""The flaky in-memory broker: a real kombu transport that fails on command.
+
+The transport is kombu's own memory transport with three hooks, one for each thing a real
+broker connection does: establish the connection, put a message, get a message. A fault
+raises there what the real transport of that flavour raises, and the transport declares its
+errors as the real one does, so kombu's ``Connection.ensure`` / ``retry_over_time`` and
+Celery's publish retry run unchanged and decide, as in production, what to retry.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from queue import Queue
+from typing import Any
+
+from kombu import serialization
+from kombu.transport import TRANSPORT_ALIASES, memory, virtual
+
+from .clock import VirtualClock
+from .errors import UsageError
+from .records import (
+    BrokerOperation,
+    DeliveredMessage,
+    OperationKind,
+    PublishRecord,
+    describe_exception,
+    format_seconds,
+    format_table,
+)
+
+OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume")
+FLAVORS = ("pyamqp", "redis")
+_FLAVOR_OF_SCHEME = {
+    "amqp": "pyamqp",
+    "amqps": "pyamqp",
+    "pyamqp": "pyamqp",
+    "librabbitmq": "pyamqp",
+    "redis": "redis",
+    "rediss": "redis",
+    "sentinel": "redis",
+}
+CONSUMER_ROLE_OPTION = "celery_retry_role"
+
+ExceptionFactory = Callable[[OperationKind], BaseException]
+
+_brokers: dict[str, InMemoryBroker] = {}
+_broker_ids = itertools.count(1)
+# Set by Celery's before_task_publish signal: which task the next producer operations are for.
+_pending_publish: dict[str, Any] = {"seq": 0, "task_id": None, "task_name": None}
+
+
+def flavor_for_url(url: str | None) -> str:
+    """The fault flavour matching a broker URL's transport (pyamqp, Celery's default, otherwise)."""
+    scheme = (url or "").split("://", 1)[0].split("+", 1)[-1].lower()
+    return _FLAVOR_OF_SCHEME.get(scheme, "pyamqp")
+
+
+def _real_transport(flavor: str) -> type:
+    if flavor == "redis":
+        try:
+            from kombu.transport import redis as redis_transport
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise UsageError("flavor='redis' needs the redis package: pip install redis") from exc
+        return redis_transport.Transport
+    from kombu.transport import pyamqp
+
+    return pyamqp.Transport
+
+
+def _default_error(flavor: str, kind: OperationKind) -> BaseException:
+    """What the real transport raises when the broker refuses or drops the connection."""
+    if flavor == "redis":
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
+        if kind == "connect":
+            return RedisConnectionError(
+                "Error 111 connecting to 127.0.0.1:6379. Connection refused."
+            )
+        return RedisConnectionError("Connection closed by server.")
+    if kind == "connect":
+        return ConnectionRefusedError(111, "Connection refused")
+    return ConnectionResetError(104, "Connection reset by peer")
+
+
+class _Channel(memory.Channel):
+    """kombu's memory channel, with the broker's queues instead of process-wide ones."""
+
+    connection: _Transport
+
+    def __init__(self, connection: _Transport, **kwargs: Any) -> None:
+        # memory.Channel keeps its queues on the class: every test would share them.
+        self.queues = connection.broker.queues
+        super().__init__(connection, **kwargs)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        broker = self.connection.broker
+        broker._operate("publish", self.connection.role, queue=queue)
+        super()._put(queue, message, **kwargs)
+        broker._record_delivery(queue, message)
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        broker = self.connection.broker
+        broker._check_consume(self.connection.role, queue)
+        message: dict[str, Any] = super()._get(queue, timeout)
+        return message
+
+
+class _Transport(memory.Transport):
+    """kombu's memory transport bound to one :class:`InMemoryBroker` (found by host name)."""
+
+    Channel = _Channel
+    driver_name = "pytest-celery-retry"
+    flavor = "pyamqp"
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        try:
+            self.broker = _brokers[client.hostname]
+        except KeyError:
+            raise UsageError(
+                f"no in-memory broker named {client.hostname!r} is installed: a connection to "
+                f"{client.as_uri()} outlived the test that created it"
+            ) from None
+        self.state = self.broker.exchange_state
+        self.role = (client.transport_options or {}).get(CONSUMER_ROLE_OPTION, "producer")
+
+    def establish_connection(self) -> Any:
+        self.broker._operate("connect", self.role)
+        return super().establish_connection()
+
+    def driver_version(self) -> str:
+        return "N/A"
+
+
+def _flavored_transport(flavor: str) -> type[_Transport]:
+    real = _real_transport(flavor)
+    # Copy only what the real transport declares: kombu treats a transport without
+    # ``recoverable_connection_errors`` differently (redis), and that must stay so.
+    declared = {
+        name: getattr(real, name)
+        for name in (
+            "connection_errors",
+            "channel_errors",
+            "recoverable_connection_errors",
+            "recoverable_channel_errors",
+        )
+        if name in vars(real) or hasattr(real, name)
+    }
+    return type(
+        f"Flaky{flavor.capitalize()}Transport", (_Transport,), {"flavor": flavor, **declared}
+    )
+
+
+_transports: dict[str, type[_Transport]] = {}
+
+
+def transport_for(flavor: str) -> type[_Transport]:
+    if flavor not in FLAVORS:
+        raise UsageError(f"unknown broker flavor {flavor!r}: choose one of {', '.join(FLAVORS)}")
+    if flavor not in _transports:
+        _transports[flavor] = _flavored_transport(flavor)
+        globals()[f"_{flavor}_transport"] = _transports[flavor]
+        TRANSPORT_ALIASES[f"celery-retry-{flavor}"] = f"{__name__}:_{flavor}_transport"
+    return _transports[flavor]
+
+
+@dataclass
+class _Fault:
+    on: frozenset[str]
+    remaining: int | None
+    skip: int
+    error: ExceptionFactory | None
+    rate: float = 1.0
+    rng: random.Random | None = None
+
+    def fires(self, kind: str) -> bool:
+        if kind not in self.on or self.remaining == 0:
+            return False
+        if self.skip:
+            self.skip -= 1
+            return False
+        if self.rng is not None and self.rng.random() >= self.rate:
+            return False
+        if self.remaining is not None:
+            self.remaining -= 1
+        return True
+
+
+class InMemoryBroker:
+    """An in-memory broker that can refuse connections, drop publishes and go down.
+
+    Installed on a Celery app by the ``flaky_broker`` fixture (and by ``retry_worker``);
+    every connection the app makes, producer or worker, goes through it.
+    """
+
+    def __init__(self, clock: VirtualClock, flavor: str = "pyamqp", seed: int = 0) -> None:
+        transport_for(flavor)  # validates the flavour and registers its URL scheme
+        self.clock = clock
+        self.flavor = flavor
+        self.seed = seed
+        self.name = f"broker-{next(_broker_ids)}"
+        self.url = f"celery-retry-{flavor}://{self.name}/"
+        self.queues: dict[str, Queue[Any]] = {}
+        self.exchange_state = virtual.BrokerState()
+        self.operations: list[BrokerOperation] = []
+        self.publishes: list[PublishRecord] = []
+        self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
+        self._faults: list[_Fault] = []
+        self._down = False
+        self._down_until: float | None = None
+        self._suspended = 0
+        self._publish_seq = -1
+        _brokers[self.name] = self
+
+    def close(self) -> None:
+        _brokers.pop(self.name, None)
+
+    # -- faults ----------------------------------------------------------------------------
+    def fail_next(
+        self,
+        n: int = 1,
+        on: str | Iterable[str] = "connect",
+        exc: BaseException | type[BaseException] | None = None,
+        after: int = 0,
+    ) -> None:
+        """Make the next ``n`` operations of kind ``on`` fail (after letting ``after`` pass)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise UsageError(
+                f"fail_next(n={n!r}): n is how many operations fail, a whole number >= 0 "
+                "(use down() for a broker that stays down)"
+            )
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise UsageError(f"fail_next(after={after!r}): after must be a whole number >= 0")
+        self._faults.append(_Fault(_kinds(on), n, after, _error_factory(exc)))
+
+    def fail_randomly(
+        self,
+        rate: float = 0.3,
+        seed: int | None = None,
+        on: str | Iterable[str] = ("connect", "publish"),
+        exc: BaseException | type[BaseException] | None = None,
+    ) -> None:
+        """Fail each operation of kind ``on`` with probability ``rate``, reproducibly."""
+        if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise UsageError(f"fail_randomly(rate={rate!r}): rate is a probability from 0 to 1")
+        rng = random.Random(self.seed if seed is None else seed)
+        self._faults.append(_Fault(_kinds(on), None, 0, _error_factory(exc), rate, rng))
+
+    def down(self) -> None:
+        """Refuse every operation until :meth:`up`."""
+        self._down = True
+
+    def up(self) -> None:
+        """End :meth:`down`, an outage, and every pending fault."""
+        self._down = False
+        self._down_until = None
+        self._faults.clear()
+
+    def outage(self, seconds: float) -> None:
+        """Be down for ``seconds`` of virtual time from now."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise UsageError(
+                f"outage(seconds={seconds!r}): the outage lasts a positive number of virtual seconds"
+            )
+        self._down_until = self.clock.elapsed + seconds
+
+    @property
+    def is_down(self) -> bool:
+        if self._down:
+            return True
+        return self._down_until is not None and self.clock.elapsed < self._down_until
+
+    def suspend_faults(self) -> _Suspended:
+        """Context manager: operations inside succeed and are not counted against faults."""
+        return _Suspended(self)
+
+    # -- records ---------------------------------------------------------------------------
+    @property
+    def connection_attempts(self) -> list[BrokerOperation]:
+        return [op for op in self.operations if op.kind == "connect"]
+
+    @property
+    def publish_attempts(self) -> list[BrokerOperation]:
+        return [op for op in self.operations if op.kind == "publish"]
+
+    @property
+    def last_publish(self) -> PublishRecord | None:
+        return self.publishes[-1] if self.publishes else None
+
+    @property
+    def publish_retry_intervals(self) -> list[float]:
+        """Virtual seconds between the tries of the most recent publish."""
+        last = self.last_publish
+        return last.intervals if last is not None else []
+
+    def messages(self, queue: str | None = "celery") -> list[DeliveredMessage]:
+        """Every task message the broker accepted on ``queue`` (all queues with ``None``)."""
+        return [
+            _decode(q, t, payload, self.clock)
+            for q, t, payload in self._deliveries
+            if queue is None or q == queue
+        ]
+
+    def pending(self, queue: str = "celery") -> int:
+        """Messages waiting in ``queue`` (delivered, not yet consumed)."""
+        q = self.queues.get(queue)
+        return q.qsize() if q is not None else 0
+
+    def timeline(self) -> str:
+        rows = [
+            [
+                f"{op.t:.3f}s",
+                op.kind,
+                op.role,
+                "ok" if op.ok else "FAILED",
+                op.task_name or op.queue or "-",
+                describe_exception(op.error) if op.error else "",
+            ]
+            for op in self.operations
+        ]
+        table = format_table(["t", "operation", "by", "result", "task/queue", "error"], rows)
+        publishes = "\n".join(
+            f"  publish {i + 1}: {p.task_name or '?'} -> {p.outcome} after {p.attempts} "
+            f"attempt(s) at t={', '.join(format_seconds(x) for x in p.attempt_times)}"
+            for i, p in enumerate(self.publishes)
+        )
+        head = f"broker timeline ({self.flavor} flavour, {len(self.operations)} operations)"
+        return f"{head}\n{table}\n{publishes}".rstrip()
+
+    # -- the transport's hooks -------------------------------------------------------------
+    def _operate(self, kind: OperationKind, role: str, queue: str | None = None) -> None:
+        error = self._fault_for(kind)
+        self._record(kind, role, error, queue)
+        if error is not None:
+            raise error
+
+    def _check_consume(self, role: str, queue: str) -> None:
+        # Polling an empty queue is not worth a record; a failure is.
+        error = self._fault_for("consume")
+        if error is not None:
+            self._record("consume", role, error, queue)
+            raise error
+
+    def _fault_for(self, kind: OperationKind) -> BaseException | None:
+        if self._suspended:
+            return None
+        if self.is_down:
+            return _default_error(self.flavor, kind)
+        for fault in self._faults:
+            if fault.fires(kind):
+                return fault.error(kind) if fault.error else _default_error(self.flavor, kind)
+        return None
+
+    def _record(
+        self, kind: OperationKind, role: str, error: BaseException | None, queue: str | None
+    ) -> None:
+        op = BrokerOperation(
+            kind=kind,
+            t=self.clock.elapsed,
+            ok=error is None,
+            error=error,
+            role="consumer" if role == "consumer" else "producer",
+            task_id=_pending_publish["task_id"],
+            task_name=_pending_publish["task_name"],
+            queue=queue,
+        )
+        if op.role == "consumer":
+            op.task_id = op.task_name = None
+        self.operations.append(op)
+        if op.role == "producer" and kind != "consume":
+            self._publish_record_for(op).operations.append(op)
+
+    def _publish_record_for(self, op: BrokerOperation) -> PublishRecord:
+        current = self.publishes[-1] if self.publishes else None
+        if current is None or self._publish_seq != _pending_publish["seq"]:
+            self._publish_seq = _pending_publish["seq"]
+            current = PublishRecord(op.task_id, op.task_name)
+            self.publishes.append(current)
+        return current
+
+    def _record_delivery(self, queue: str, message: dict[str, Any]) -> None:
+        self._deliveries.append((queue, self.clock.elapsed, message))
+        if self.publishes:
+            self.publishes[-1].outcome = "delivered"
+        # The next publish is a new one even when Celery's signal did not announce it
+        # (plain kombu producers).
+        _pending_publish["seq"] += 1
+        _pending_publish["task_id"] = _pending_publish["task_name"] = None
+
+    def __repr__(self) -> str:
+        return f"<InMemoryBroker {self.url} flavor={self.flavor} down={self.is_down}>"
+
+
+class _Suspended:
+    def __init__(self, broker: InMemoryBroker) -> None:
+        self.broker = broker
+
+    def __enter__(self) -> InMemoryBroker:
+        self.broker._suspended += 1
+        return self.broker
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.broker._suspended -= 1
+
+
+def announce_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """Receiver of Celery's ``before_task_publish``: a new logical publish starts."""
+    headers = headers or {}
+    _pending_publish["seq"] += 1
+    _pending_publish["task_id"] = headers.get("id")
+    _pending_publish["task_name"] = headers.get("task")
+
+
+def _kinds(on: str | Iterable[str]) -> frozenset[str]:
+    kinds = frozenset([on] if isinstance(on, str) else on)
+    unknown = kinds - set(OPERATIONS)
+    if unknown or not kinds:
+        raise UsageError(
+            f"on={on!r}: a fault applies to {', '.join(repr(k) for k in OPERATIONS)} "
+            "(or a list of them)"
+        )
+    return kinds
+
+
+def _error_factory(exc: BaseException | type[BaseException] | None) -> ExceptionFactory | None:
+    if exc is None:
+        return None
+    if isinstance(exc, BaseException):
+        return lambda kind: exc
+    if isinstance(exc, type) and issubclass(exc, BaseException):
+        return lambda kind: exc(f"simulated {kind} failure")
+    raise UsageError(f"exc={exc!r}: pass an exception instance or class")
+
+
+def _decode(queue: str, t: float, payload: dict[str, Any], clock: VirtualClock) -> DeliveredMessage:
+    body: Any = payload["body"]
+    if payload.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    decoded = serialization.loads(body, payload["content-type"], payload["content-encoding"])
+    headers = dict(payload.get("headers") or {})
+    if isinstance(decoded, dict) and "task" in decoded:  # task protocol 1
+        headers = {**headers, **decoded}
+        args, kwargs = decoded.get("args", ()), decoded.get("kwargs", {})
+    else:
+        args, kwargs = decoded[0], decoded[1]
+    eta = headers.get("eta")
+    countdown = None
+    if eta:
+        from datetime import datetime, timezone
+
+        when = datetime.fromisoformat(eta)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        countdown = round((when - clock.started_at).total_seconds() - t, 6)
+    return DeliveredMessage(
+        queue=queue,
+        t=t,
+        task_name=headers.get("task", ""),
+        task_id=headers.get("id", ""),
+        args=args,
+        kwargs=kwargs,
+        headers=headers,
+        eta=eta,
+        retries=int(headers.get("retries") or 0),
+        countdown=countdown,
+    )

@@ -1,0 +1,19 @@
+"""Errors the plugin raises itself: each names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class CeleryRetryError(Exception):
+    """Base class of every error raised by pytest-celery-retry itself."""
+
+
+class UsageError(CeleryRetryError, ValueError):
+    """The plugin was called with arguments it cannot honour (the message says how to fix it)."""
+
+
+class EndlessRetryError(CeleryRetryError):
+    """A task kept retrying past the attempt limit: probably ``max_retries=None`` forever."""
+
+
+class ConfigurationError(CeleryRetryError):
+    """The Celery app or the pytest configuration does not let the plugin do its job."""

@@ -1,0 +1,204 @@
+"""pytest wiring: options, ini values, markers and fixtures. The work lives elsewhere."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .errors import UsageError
+from .session import MEMORY_RESULT_BACKEND, RetrySession, Settings
+
+if TYPE_CHECKING:
+    from .broker import InMemoryBroker
+    from .clock import VirtualClock
+    from .worker import RetryWorker
+
+DEFAULT_SEED = 1234
+DEFAULT_MAX_ATTEMPTS = 1000
+_OUTAGE_KEYS = {"fail_next", "seconds", "on", "flavor", "down"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("celery-retry", "Celery retry testing (pytest-celery-retry)")
+    group.addoption(
+        "--celery-retry-seed",
+        type=int,
+        default=None,
+        help=f"seed for retry jitter and random broker faults (default {DEFAULT_SEED})",
+    )
+    group.addoption(
+        "--celery-retry-max-attempts",
+        type=int,
+        default=None,
+        help="attempts after which a retrying task is stopped as endless "
+        f"(default {DEFAULT_MAX_ATTEMPTS})",
+    )
+    parser.addini("celery_retry_app", "the Celery app to test, as module:attribute", default="")
+    parser.addini("celery_retry_seed", "seed for jitter and random faults", default="")
+    parser.addini("celery_retry_max_attempts", "endless-retry guard", default="")
+    parser.addini(
+        "celery_retry_serialize",
+        "send task arguments through the app's serializer on every attempt",
+        type="bool",
+        default=True,
+    )
+    parser.addini(
+        "celery_retry_result_backend",
+        "result backend installed for the test ('keep' leaves the app's own)",
+        default=MEMORY_RESULT_BACKEND,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "broker_outage(fail_next=N, on='connect', seconds=S, down=False, flavor=None): "
+        "make the flaky_broker fail for this test",
+    )
+    config.addinivalue_line(
+        "markers", "real_broker: needs a real Redis or RabbitMQ (skipped without its URL)"
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    settings = _settings(config)
+    return (
+        f"celery-retry: seed={settings.seed} (--celery-retry-seed), "
+        f"max attempts={settings.max_attempts}"
+    )
+
+
+def _int_setting(config: pytest.Config, option: str, ini: str, default: int) -> int:
+    value = config.getoption(option)
+    if value is None:
+        raw = str(config.getini(ini)).strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise pytest.UsageError(
+                f"ini option {ini} = {raw!r}: expected a whole number"
+            ) from None
+    return int(value)
+
+
+def _settings(config: pytest.Config) -> Settings:
+    backend = str(config.getini("celery_retry_result_backend")).strip()
+    return Settings(
+        seed=_int_setting(config, "celery_retry_seed", "celery_retry_seed", DEFAULT_SEED),
+        max_attempts=_int_setting(
+            config, "celery_retry_max_attempts", "celery_retry_max_attempts", DEFAULT_MAX_ATTEMPTS
+        ),
+        serialize=bool(config.getini("celery_retry_serialize")),
+        result_backend=None if backend == "keep" else backend or MEMORY_RESULT_BACKEND,
+    )
+
+
+@pytest.fixture
+def celery_retry_app(pytestconfig: pytest.Config) -> Any:
+    """The Celery app the fixtures install on. Override it, or set ini ``celery_retry_app``."""
+    spec = str(pytestconfig.getini("celery_retry_app")).strip()
+    if spec:
+        module_name, _, attribute = spec.partition(":")
+        if not attribute:
+            raise pytest.UsageError(
+                f"celery_retry_app = {spec!r}: write it as module:attribute, e.g. proj.celery:app"
+            )
+        return getattr(importlib.import_module(module_name), attribute)
+    from celery import current_app
+
+    return current_app._get_current_object()
+
+
+@pytest.fixture
+def celery_retry_flavor() -> str | None:
+    """Which real transport the flaky broker imitates; None: the app's own broker_url's."""
+    return None
+
+
+@pytest.fixture
+def celery_retry_session(pytestconfig: pytest.Config) -> Iterator[RetrySession]:
+    """The test's virtual clock and everything the plugin installed, undone at teardown."""
+    session = RetrySession(settings=_settings(pytestconfig)).start()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@pytest.fixture
+def celery_retry_clock(celery_retry_session: RetrySession) -> VirtualClock:
+    """The virtual clock shared by ``retry_worker`` and ``flaky_broker``."""
+    return celery_retry_session.clock
+
+
+@pytest.fixture
+def retry_worker(celery_retry_session: RetrySession) -> Iterator[RetryWorker]:
+    """An in-process Celery worker that records every attempt and retry on virtual time."""
+    from .worker import RetryWorker
+
+    worker = RetryWorker(celery_retry_session)
+    try:
+        yield worker
+    finally:
+        worker.close()
+
+
+@pytest.fixture
+def flaky_broker(
+    request: pytest.FixtureRequest,
+    celery_retry_session: RetrySession,
+    celery_retry_app: Any,
+    celery_retry_flavor: str | None,
+) -> InMemoryBroker:
+    """The in-memory broker installed on the app, with faults on command."""
+    marker = request.node.get_closest_marker("broker_outage")
+    options = _outage_options(marker) if marker is not None else {}
+    flavor = options.pop("flavor", None) or celery_retry_flavor
+    broker = celery_retry_session.installation(celery_retry_app, flavor=flavor).broker
+    if options:
+        _apply_outage(broker, options)
+    return broker
+
+
+@pytest.fixture(autouse=True)
+def _celery_retry_outage_marker(request: pytest.FixtureRequest) -> None:
+    # The marker works without naming the fixture in the test's arguments.
+    if request.node.get_closest_marker("broker_outage") is not None:
+        request.getfixturevalue("flaky_broker")
+
+
+def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
+    if marker.args:
+        raise UsageError(
+            f"@pytest.mark.broker_outage{marker.args!r}: pass keywords, e.g. "
+            "broker_outage(fail_next=3) or broker_outage(seconds=10)"
+        )
+    unknown = set(marker.kwargs) - _OUTAGE_KEYS
+    if unknown:
+        raise UsageError(
+            f"@pytest.mark.broker_outage: unknown argument(s) {', '.join(sorted(unknown))}; "
+            f"it takes {', '.join(sorted(_OUTAGE_KEYS))}"
+        )
+    chosen = [key for key in ("fail_next", "seconds", "down") if marker.kwargs.get(key)]
+    if len(chosen) > 1:
+        raise UsageError(
+            f"@pytest.mark.broker_outage: give one of fail_next=, seconds= or down=True, "
+            f"not {' and '.join(chosen)}"
+        )
+    if "on" in marker.kwargs and "fail_next" not in marker.kwargs:
+        raise UsageError("@pytest.mark.broker_outage: on= goes with fail_next=")
+    return dict(marker.kwargs)
+
+
+def _apply_outage(broker: InMemoryBroker, options: dict[str, Any]) -> None:
+    if "fail_next" in options:
+        broker.fail_next(options["fail_next"], on=options.get("on", "connect"))
+    elif "seconds" in options:
+        broker.outage(options["seconds"])
+    elif options.get("down"):
+        broker.down()

@@ -1,0 +1,246 @@
+"""What the plugin saw: task attempts and broker operations, and how to print them.
+
+Plain dataclasses without Celery imports, so that assertions and reports stay cheap and
+readable. Every time is in virtual seconds since the test's clock started (``t``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored"]
+RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
+OperationKind = Literal["connect", "publish", "consume"]
+
+_EXC_WIDTH = 70
+
+
+def describe_exception(exc: BaseException | None) -> str:
+    """``Type('message')`` shortened to fit a table cell."""
+    if exc is None:
+        return "-"
+    text = f"{type(exc).__name__}({str(exc)!r})"
+    return text if len(text) <= _EXC_WIDTH else text[: _EXC_WIDTH - 3] + "..."
+
+
+def format_seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}s"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A left-aligned text table: the one layout every timeline in the plugin uses."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Attempt:
+    """One execution of a task by the worker."""
+
+    number: int
+    task_id: str
+    task_name: str
+    retries: int
+    started_at: datetime
+    t: float
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    outcome: AttemptOutcome | None = None
+    exc: BaseException | None = None
+    raised: BaseException | None = None
+    result: Any = None
+    countdown: float | None = None
+    eta: datetime | None = None
+    retry_published: bool = False
+    requeued: bool = False
+    note: str = ""
+
+    @property
+    def state(self) -> str:
+        return {
+            "retry": "RETRY",
+            "success": "SUCCESS",
+            "failure": "FAILURE",
+            "rejected": "REJECTED",
+            "ignored": "IGNORED",
+            None: "STARTED",
+        }[self.outcome]
+
+
+@dataclass
+class TaskRun:
+    """Every attempt of one task id, from the first execution to the final outcome."""
+
+    task_id: str
+    task_name: str
+    seed: int | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    lost: bool = False
+
+    @property
+    def countdowns(self) -> list[float]:
+        """Seconds each retry was scheduled after the attempt that asked for it (ETA included)."""
+        return [a.countdown for a in self.attempts if a.countdown is not None]
+
+    @property
+    def retries(self) -> int:
+        """How many retries were scheduled (retry messages published)."""
+        return sum(1 for a in self.attempts if a.retry_published)
+
+    @property
+    def last(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def state(self) -> RunState:
+        last = self.last
+        if last is None or last.outcome is None:
+            return "PENDING"
+        if last.outcome == "success" and not last.retry_published:
+            return "SUCCESS"
+        if last.outcome in ("retry", "success"):
+            return "RETRY"
+        return "FAILURE"
+
+    @property
+    def result(self) -> Any:
+        """The return value of the successful attempt (None otherwise)."""
+        last = self.last
+        return last.result if last is not None and self.state == "SUCCESS" else None
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception that ended the task (None unless the run failed)."""
+        last = self.last
+        return last.raised if last is not None and self.state == "FAILURE" else None
+
+    @property
+    def elapsed(self) -> float:
+        """Virtual seconds from the first attempt's start to the last attempt's start."""
+        if not self.attempts:
+            return 0.0
+        return self.attempts[-1].t - self.attempts[0].t
+
+    def timeline(self) -> str:
+        """The whole retry history as a readable table."""
+        title = f"retry timeline of {self.task_name}[{self.task_id}]"
+        if self.seed is not None:
+            title += f" (seed {self.seed})"
+        rows = [
+            [
+                str(a.number),
+                f"{a.t - self.attempts[0].t:+.3f}s",
+                str(a.retries),
+                a.outcome or "running",
+                format_seconds(a.countdown) if a.retry_published else "-",
+                describe_exception(a.exc),
+            ]
+            + ([a.note] if a.note else [])
+            for a in self.attempts
+        ]
+        table = format_table(["#", "t", "retries", "outcome", "countdown", "exception"], rows)
+        summary = (
+            f"final: {self.state} after {len(self.attempts)} attempt(s), {self.retries} "
+            f"retr{'y' if self.retries == 1 else 'ies'}, {self.elapsed:g} s of virtual time"
+        )
+        if self.lost:
+            summary += " -- the task is LOST: its retry message never reached the broker"
+        return f"{title}\n{_indent(table)}\n{summary}"
+
+    def __repr__(self) -> str:
+        return (
+            f"<TaskRun {self.task_name}[{self.task_id}] state={self.state} "
+            f"attempts={len(self.attempts)} countdowns={self.countdowns}>"
+        )
+
+
+@dataclass
+class BrokerOperation:
+    """One connect, publish or consume the in-memory broker was asked to do."""
+
+    kind: OperationKind
+    t: float
+    ok: bool
+    error: BaseException | None = None
+    role: Literal["producer", "consumer"] = "producer"
+    task_id: str | None = None
+    task_name: str | None = None
+    queue: str | None = None
+
+
+@dataclass
+class PublishRecord:
+    """One logical publish (one ``apply_async``/``send_task``) and every try kombu made for it.
+
+    A try starts with each connection attempt, or with a publish on an open connection; a
+    successful connect and the publish right after it are the same try. kombu sleeps in
+    one-second slices between tries: those slices are not tries.
+    """
+
+    task_id: str | None
+    task_name: str | None
+    operations: list[BrokerOperation] = field(default_factory=list)
+    outcome: Literal["delivered", "failed", "pending"] = "pending"
+    error: BaseException | None = None
+
+    @property
+    def tries(self) -> list[list[BrokerOperation]]:
+        tries: list[list[BrokerOperation]] = []
+        for op in self.operations:
+            continues_try = (
+                op.kind == "publish"
+                and tries
+                and tries[-1][-1].kind == "connect"
+                and tries[-1][-1].ok
+            )
+            if continues_try:
+                tries[-1].append(op)
+            else:
+                tries.append([op])
+        return tries
+
+    @property
+    def attempt_times(self) -> list[float]:
+        return [try_[0].t for try_ in self.tries]
+
+    @property
+    def attempts(self) -> int:
+        return len(self.tries)
+
+    @property
+    def intervals(self) -> list[float]:
+        times = self.attempt_times
+        return [round(b - a, 6) for a, b in zip(times, times[1:])]
+
+    @property
+    def ended_at(self) -> float | None:
+        return self.operations[-1].t if self.operations else None
+
+
+@dataclass
+class DeliveredMessage:
+    """A task message the broker accepted, decoded."""
+
+    queue: str
+    t: float
+    task_name: str
+    task_id: str
+    args: Any
+    kwargs: Any
+    headers: dict[str, Any]
+    eta: str | None
+    retries: int
+    countdown: float | None = None
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())

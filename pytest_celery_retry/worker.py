@@ -1,0 +1,432 @@
+"""The retry worker: Celery's real worker code path, in the test process, on virtual time.
+
+Each message is turned into Celery's own worker ``Request`` and executed through an inline
+pool with the real tracer (``is_eager`` false), so ``Task.retry`` republishes its retry
+message through the in-memory broker exactly as in production, ETA and all. The worker
+holds messages whose ETA lies ahead (unacknowledged, as a real worker does) and, when
+nothing is due, moves the virtual clock to the next ETA instead of waiting for it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from celery import _state, signals
+from celery.concurrency.base import BasePool, apply_target
+from celery.exceptions import Retry, TaskRevokedError
+from celery.worker.request import Request
+from kombu.utils.uuid import uuid
+
+from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker
+from .errors import EndlessRetryError, UsageError
+from .records import Attempt, AttemptOutcome, TaskRun
+from .session import AppInstallation, RetrySession
+
+_OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
+    "SUCCESS": "success",
+    "FAILURE": "failure",
+    "RETRY": "retry",
+    "REJECTED": "rejected",
+    "IGNORED": "ignored",
+}
+_TIMELINE_TAIL = 8
+
+
+class _InlinePool(BasePool):
+    """Celery's solo pool without its ``worker_process_init`` signal: no worker process starts."""
+
+    body_can_be_buffer = True
+
+    def __init__(self) -> None:
+        super().__init__(limit=1)
+        self.on_apply = apply_target
+
+
+@dataclass(order=True)
+class _Held:
+    eta: datetime
+    seq: int
+    request: Any = field(compare=False)
+
+
+@dataclass
+class MessageEvent:
+    """What the worker did with a message: acked, rejected, requeued or redelivered."""
+
+    t: float
+    task_id: str
+    task_name: str
+    action: str
+    detail: str = ""
+
+
+class _Consumer:
+    """The worker's own connection to one app's broker, and the messages it holds."""
+
+    def __init__(self, installed: AppInstallation) -> None:
+        self.app = installed.app
+        self.broker: InMemoryBroker = installed.broker
+        self.connection = self.app.connection_for_read(
+            transport_options={CONSUMER_ROLE_OPTION: "consumer"}
+        )
+        self.ready: deque[Any] = deque()
+        self.held: list[_Held] = []
+        self._seq = itertools.count()
+
+    def close(self) -> None:
+        self.connection.release()
+
+    def fetch(self, worker: RetryWorker) -> None:
+        """Take every message waiting on the broker: due ones to run, ETA ones to hold."""
+        channel = self.connection.default_channel
+        now = self.broker.clock.now()
+        for queue in list(self.broker.queues):
+            while True:
+                message = channel.basic_get(queue, no_ack=False)
+                if message is None:
+                    break
+                request = worker._request_for(self, message)
+                eta = request.eta
+                if eta is not None and eta > now:
+                    heapq.heappush(self.held, _Held(eta, next(self._seq), request))
+                else:
+                    self.ready.append(request)
+
+    def next_request(self) -> Any | None:
+        if self.ready:
+            return self.ready.popleft()
+        if self.held:
+            held = heapq.heappop(self.held)
+            self.broker.clock.advance_to(held.eta)
+            return held.request
+        return None
+
+
+class RetryWorker:
+    """Runs tasks the way a Celery worker does, recording every attempt and retry.
+
+    Use it through the ``retry_worker`` fixture.
+    """
+
+    def __init__(self, session: RetrySession) -> None:
+        self._session = session
+        self.runs: dict[str, TaskRun] = {}
+        self.events: list[MessageEvent] = []
+        self._consumers: dict[int, _Consumer] = {}
+        self._pool = _InlinePool()
+        self._current: Attempt | None = None
+        self._receiver_connected = False
+
+    @property
+    def clock(self) -> Any:
+        return self._session.clock
+
+    @property
+    def settings(self) -> Any:
+        return self._session.settings
+
+    # -- public API ------------------------------------------------------------------------
+    def apply(
+        self,
+        task: Any,
+        args: Any = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        max_attempts: int | None = None,
+        serialize: bool | None = None,
+        **options: Any,
+    ) -> TaskRun:
+        """Execute ``task`` (a task or a signature) until it succeeds or finally fails.
+
+        The first message is published with the broker's faults suspended; every retry goes
+        through the broker as it is, faults included. Options go to ``apply_async``.
+        """
+        signature = self._signature(task, args, kwargs, options)
+        app = signature._app or signature.type._get_app()
+        installed = self._session.installation(app)
+        task_obj = app.tasks[signature.task]
+        task_id = signature.options.get("task_id") or uuid()
+        with self._serialization(app, task_obj, serialize), self._running(app):
+            with installed.broker.suspend_faults():
+                signature.apply_async(task_id=task_id)
+            self._work(installed, until=task_id, max_attempts=max_attempts)
+        return self.runs[task_id]
+
+    def run_until_idle(
+        self, app: Any = None, *, max_attempts: int | None = None
+    ) -> dict[str, TaskRun]:
+        """Consume and execute every message on the broker until none is left or due.
+
+        Returns the runs this call touched, by task id (all runs stay in ``.runs``).
+        """
+        if app is None:
+            if not self._session.installations:
+                raise UsageError(
+                    "run_until_idle() has no broker to consume from: request the flaky_broker "
+                    "fixture, publish something first, or pass app="
+                )
+            app = next(iter(self._session.installations.values())).app
+        installed = self._session.installation(app)
+        before = {task_id: len(run.attempts) for task_id, run in self.runs.items()}
+        with self._running(app):
+            self._work(installed, until=None, max_attempts=max_attempts)
+        return {
+            task_id: run
+            for task_id, run in self.runs.items()
+            if len(run.attempts) != before.get(task_id, 0)
+        }
+
+    def run(self, task_id: str) -> TaskRun:
+        try:
+            return self.runs[task_id]
+        except KeyError:
+            raise UsageError(
+                f"no task with id {task_id!r} has run on this worker; known ids: "
+                f"{', '.join(self.runs) or 'none'}"
+            ) from None
+
+    def close(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.close()
+        self._consumers.clear()
+        self._disconnect_receivers()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _work(
+        self, installed: AppInstallation, until: str | None, max_attempts: int | None
+    ) -> None:
+        limit = self.settings.max_attempts if max_attempts is None else max_attempts
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
+        consumer = self._consumer(installed)
+        while True:
+            if until is not None and self._finished(until):
+                return
+            consumer.fetch(self)
+            request = consumer.next_request()
+            if request is None:
+                return
+            run = self._run_for(request)
+            if len(run.attempts) >= limit:
+                consumer.ready.appendleft(request)
+                raise EndlessRetryError(self._endless_message(run, limit))
+            self._execute(request, run, installed.broker)
+
+    def _finished(self, task_id: str) -> bool:
+        """A task is over once an attempt ended without scheduling another one."""
+        run = self.runs.get(task_id)
+        last = run.last if run is not None else None
+        return (
+            last is not None
+            and last.outcome is not None
+            and not last.retry_published
+            and not last.requeued
+        )
+
+    def _execute(self, request: Any, run: TaskRun, broker: InMemoryBroker) -> None:
+        headers = request.request_dict
+        attempt = Attempt(
+            number=len(run.attempts) + 1,
+            task_id=run.task_id,
+            task_name=run.task_name,
+            retries=int(headers.get("retries") or 0),
+            started_at=self.clock.now(),
+            t=self.clock.elapsed,
+        )
+        run.attempts.append(attempt)
+        deliveries_before = len(broker._deliveries)
+        self._current = attempt
+        try:
+            request.execute_using_pool(self._pool)
+        except TaskRevokedError as exc:
+            attempt.outcome, attempt.exc, attempt.raised = "failure", exc, exc
+            attempt.note = "revoked (expired or revoked before it ran)"
+        finally:
+            self._current = None
+        if attempt.outcome is None:  # the tracer never ran: Celery's internal error path
+            attempt.outcome = "failure"
+        for message in broker.messages(queue=None)[deliveries_before:]:
+            if message.task_id == run.task_id:
+                attempt.retry_published = True
+                attempt.countdown = message.countdown if message.countdown is not None else 0.0
+                attempt.eta = (
+                    datetime.fromisoformat(message.eta) if message.eta is not None else None
+                )
+                break
+        if attempt.outcome == "rejected" and not attempt.retry_published:
+            run.lost = True
+            attempt.note = "retry not published: Celery rejected the message, the task is lost"
+
+    # -- Celery plumbing -------------------------------------------------------------------
+    def _request_for(self, consumer: _Consumer, message: Any) -> Any:
+        app = consumer.app
+        name = message.headers.get("task") if message.headers else None
+        if name not in app.tasks:
+            message.reject(requeue=False)
+            raise UsageError(
+                f"the broker holds a message for the unregistered task {name!r}: app "
+                f"{app.main!r} does not know it. Import the module that defines the task "
+                "(or fix the name) before running the worker"
+            )
+        event_sink = self.events
+
+        def on_ack(*_: Any) -> None:
+            message.ack_log_error(*_)
+            event_sink.append(self._event(message, "acked"))
+
+        def on_reject(logger: Any, errors: Any, requeue: bool = False) -> None:
+            message.reject_log_error(logger, errors, requeue=requeue)
+            event_sink.append(self._event(message, "requeued" if requeue else "rejected"))
+            if requeue and self._current is not None:
+                self._current.requeued = True
+
+        return Request(
+            message,
+            on_ack=on_ack,
+            on_reject=on_reject,
+            app=app,
+            hostname="celery-retry@pytest",
+            connection_errors=consumer.connection.connection_errors,
+            task=app.tasks[name],
+        )
+
+    def _event(self, message: Any, action: str) -> MessageEvent:
+        headers = message.headers or {}
+        return MessageEvent(
+            self.clock.elapsed, headers.get("id", ""), headers.get("task", ""), action
+        )
+
+    def _run_for(self, request: Any) -> TaskRun:
+        run = self.runs.get(request.id)
+        if run is None:
+            run = self.runs[request.id] = TaskRun(request.id, request.name, seed=self.settings.seed)
+        return run
+
+    def _consumer(self, installed: AppInstallation) -> _Consumer:
+        consumer = self._consumers.get(id(installed.app))
+        if consumer is None:
+            consumer = self._consumers[id(installed.app)] = _Consumer(installed)
+        return consumer
+
+    def _on_postrun(
+        self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
+    ) -> None:
+        attempt = self._current
+        if attempt is None or task_id != attempt.task_id:
+            return
+        attempt.outcome = _OUTCOME_OF_STATE.get(state or "", "failure")
+        if isinstance(retval, BaseException):
+            attempt.raised = retval
+            attempt.exc = _cause_of(retval)
+        else:
+            attempt.result = retval
+
+    def _on_prerun(
+        self, task_id: str | None = None, args: Any = None, kwargs: Any = None, **_: Any
+    ) -> None:
+        attempt = self._current
+        if attempt is not None and task_id == attempt.task_id:
+            attempt.args, attempt.kwargs = tuple(args or ()), dict(kwargs or {})
+
+    def _connect_receivers(self) -> None:
+        if not self._receiver_connected:
+            signals.task_prerun.connect(self._on_prerun, weak=False, dispatch_uid=id(self))
+            signals.task_postrun.connect(self._on_postrun, weak=False, dispatch_uid=id(self))
+            self._receiver_connected = True
+
+    def _disconnect_receivers(self) -> None:
+        if self._receiver_connected:
+            signals.task_prerun.disconnect(self._on_prerun, dispatch_uid=id(self))
+            signals.task_postrun.disconnect(self._on_postrun, dispatch_uid=id(self))
+            self._receiver_connected = False
+
+    @contextmanager
+    def _running(self, app: Any) -> Iterator[None]:
+        """Make ``app`` current (a worker runs as its app) and seed ``random`` for jitter."""
+        self._connect_receivers()
+        previous_app = getattr(_state._tls, "current_app", None)
+        random_state = random.getstate()
+        random.seed(self.settings.seed)
+        app.set_current()
+        try:
+            yield
+        finally:
+            _state._set_current_app(previous_app)
+            random.setstate(random_state)
+
+    @contextmanager
+    def _serialization(self, app: Any, task: Any, serialize: bool | None) -> Iterator[None]:
+        """With ``serialize=False`` the run's messages are pickled instead (the opt-out)."""
+        if serialize is None:
+            serialize = self.settings.serialize
+        if serialize:
+            yield
+            return
+        accept = list(app.conf.accept_content or ())
+        if "pickle" not in accept and "application/x-python-serialize" not in accept:
+            app.conf.accept_content = [*accept, "pickle"]
+        had_own = "serializer" in vars(task)
+        previous = vars(task).get("serializer")
+        task.serializer = "pickle"
+        try:
+            yield
+        finally:
+            if had_own:
+                task.serializer = previous
+            else:
+                del task.serializer
+
+    def _signature(
+        self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
+    ) -> Any:
+        from celery.canvas import Signature
+
+        if isinstance(task, str):
+            raise UsageError(
+                f"apply({task!r}): pass the task object or a signature, "
+                f"e.g. app.signature({task!r}), not its name"
+            )
+        if isinstance(task, Signature):
+            signature = task.clone(args=tuple(args or ()), kwargs=kwargs or {}, **options)
+            app = signature._app or signature.app
+            if signature.task not in app.tasks:
+                raise UsageError(
+                    f"unregistered task {signature.task!r}: app {app.main!r} does not know it; "
+                    "import the module that defines it or fix the name"
+                )
+            return signature
+        if not hasattr(task, "signature") or not hasattr(task, "name"):
+            raise UsageError(f"apply({task!r}): expected a Celery task or a signature")
+        return task.signature(tuple(args or ()), kwargs or {}, **options)
+
+    def _endless_message(self, run: TaskRun, limit: int) -> str:
+        lines = run.timeline().splitlines()
+        tail = (
+            "\n".join(lines[:2] + ["  ..."] + lines[-_TIMELINE_TAIL:])
+            if len(lines) > _TIMELINE_TAIL + 3
+            else "\n".join(lines)
+        )
+        return (
+            f"{run.task_name}[{run.task_id}] was still retrying after {limit} attempts "
+            f"(the endless-retry guard; max_retries=None retries forever). If this many "
+            f"attempts is intended, raise the limit: retry_worker.apply(..., max_attempts=N), "
+            f"--celery-retry-max-attempts=N or the ini option celery_retry_max_attempts.\n{tail}"
+        )
+
+
+def _cause_of(exc: BaseException) -> BaseException:
+    """For a Retry, the exception that made the task retry; otherwise the exception itself."""
+    if isinstance(exc, Retry):
+        if isinstance(exc.exc, BaseException):
+            return exc.exc
+        if exc.__context__ is not None:
+            return exc.__context__
+    return exc
