@@ -264,7 +264,7 @@ class InMemoryBroker:
         """Be down for ``seconds`` of virtual time from now."""
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
             raise UsageError(
-                f"outage(seconds={seconds!r}): the outage lasts a positive number of virtual seconds"
+                f"outage(seconds={seconds!r}): an outage lasts a positive number of virtual seconds"
             )
         self._down_until = self.clock.elapsed + seconds
 

@@ -120,7 +120,7 @@ class VirtualClock:
                 continue
             if getattr(module, "sleep", None) is _REAL_SLEEP:
                 self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
-                module.sleep = self.sleep
+                setattr(module, "sleep", self.sleep)
 
 
 @contextmanager

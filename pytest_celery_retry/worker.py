@@ -410,7 +410,7 @@ class RetryWorker:
     def _endless_message(self, run: TaskRun, limit: int) -> str:
         lines = run.timeline().splitlines()
         tail = (
-            "\n".join(lines[:2] + ["  ..."] + lines[-_TIMELINE_TAIL:])
+            "\n".join([*lines[:2], "  ...", *lines[-_TIMELINE_TAIL:]])
             if len(lines) > _TIMELINE_TAIL + 3
             else "\n".join(lines)
         )
@@ -427,6 +427,7 @@ def _cause_of(exc: BaseException) -> BaseException:
     if isinstance(exc, Retry):
         if isinstance(exc.exc, BaseException):
             return exc.exc
-        if exc.__context__ is not None:
-            return exc.__context__
+        context: BaseException | None = exc.__context__
+        if context is not None:
+            return context
     return exc
