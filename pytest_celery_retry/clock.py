@@ -120,7 +120,7 @@ class VirtualClock:
                 continue
             if getattr(module, "sleep", None) is _REAL_SLEEP:
                 self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
-                setattr(module, "sleep", self.sleep)
+                module.sleep = self.sleep  # type: ignore[attr-defined]
 
 
 @contextmanager
