@@ -385,7 +385,7 @@ class InMemoryBroker:
     def _record_delivery(self, queue: str, message: dict[str, Any]) -> None:
         self._deliveries.append((queue, self.clock.elapsed, message))
         if self.publishes:
-            self.publishes[-1].outcome = "delivered"
+            self.publishes[-1].delivered = True
         # The next publish is a new one even when Celery's signal did not announce it
         # (plain kombu producers).
         _pending_publish["seq"] += 1

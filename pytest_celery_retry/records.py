@@ -189,8 +189,22 @@ class PublishRecord:
     task_id: str | None
     task_name: str | None
     operations: list[BrokerOperation] = field(default_factory=list)
-    outcome: Literal["delivered", "failed", "pending"] = "pending"
-    error: BaseException | None = None
+    delivered: bool = False
+
+    @property
+    def outcome(self) -> Literal["delivered", "failed", "pending"]:
+        """``failed`` once the last try failed: kombu raised, or is sleeping before the next."""
+        if self.delivered:
+            return "delivered"
+        if self.operations and not self.operations[-1].ok:
+            return "failed"
+        return "pending"
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error of the last failed try (what kombu re-raised when it gave up)."""
+        failures = [op.error for op in self.operations if op.error is not None]
+        return failures[-1] if failures else None
 
     @property
     def tries(self) -> list[list[BrokerOperation]]:

@@ -1,0 +1,41 @@
+"""Shared fixtures: a fresh Celery app per test, with the seed's tasks on it."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import pytest
+
+SEED_POLICY = {"max_retries": 3, "interval_start": 3, "interval_step": 1, "interval_max": 6}
+_app_names = itertools.count(1)
+logger = logging.getLogger("tests")
+
+
+def make_app(**config: Any) -> Any:
+    """A new app with the seed's ``foo.task``: tests never share an app or its tasks."""
+    from celery import Celery
+
+    app = Celery(f"test-app-{next(_app_names)}", broker="memory://", set_as_current=False)
+    app.conf.update(config)
+
+    @app.task(name="foo.task", bind=True, max_retries=3, shared=False)
+    def foo_task(self: Any) -> None:
+        try:
+            raise RuntimeError("boom")
+        except Exception as exc:
+            logger.warning("foo.task failed: %r, retrying", exc)
+            self.retry(countdown=3**self.request.retries)
+
+    return app
+
+
+@pytest.fixture
+def app() -> Any:
+    return make_app()
+
+
+@pytest.fixture
+def celery_retry_app(app: Any) -> Any:
+    return app
