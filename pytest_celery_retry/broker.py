@@ -297,13 +297,21 @@ class InMemoryBroker:
         last = self.last_publish
         return last.intervals if last is not None else []
 
-    def messages(self, queue: str | None = "celery") -> list[DeliveredMessage]:
-        """Every task message the broker accepted on ``queue`` (all queues with ``None``)."""
+    def messages(self, queue: str | None = "celery", since: int = 0) -> list[DeliveredMessage]:
+        """Every task message the broker accepted on ``queue`` (all queues with ``None``).
+
+        ``since`` skips the first deliveries (see :attr:`delivery_count`).
+        """
         return [
             _decode(q, t, payload, self.clock)
-            for q, t, payload in self._deliveries
+            for q, t, payload in itertools.islice(self._deliveries, since, None)
             if queue is None or q == queue
         ]
+
+    @property
+    def delivery_count(self) -> int:
+        """How many messages the broker has accepted so far, on all queues."""
+        return len(self._deliveries)
 
     def pending(self, queue: str = "celery") -> int:
         """Messages waiting in ``queue`` (delivered, not yet consumed)."""

@@ -47,7 +47,8 @@ class VirtualClock:
             return self
         from freezegun import freeze_time
 
-        self._freezer = freeze_time(self.started_at, tick=False)
+        # pytest times its own phases: give it real time, or --durations reports nonsense.
+        self._freezer = freeze_time(self.started_at, tick=False, ignore=["_pytest."])
         self._frozen = self._freezer.start()
         self._patch_library_sleeps()
         return self

@@ -22,7 +22,9 @@ from typing import Any
 from celery import _state, signals
 from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import Retry, TaskRevokedError
+
 from celery.worker.request import Request
+from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid
 
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker
@@ -241,8 +243,10 @@ class RetryWorker:
             started_at=self.clock.now(),
             t=self.clock.elapsed,
         )
+        if run.attempts:
+            _drop_tracebacks(run.attempts[-1])
         run.attempts.append(attempt)
-        deliveries_before = len(broker._deliveries)
+        deliveries_before = broker.delivery_count
         self._current = attempt
         try:
             request.execute_using_pool(self._pool)
@@ -253,7 +257,7 @@ class RetryWorker:
             self._current = None
         if attempt.outcome is None:  # the tracer never ran: Celery's internal error path
             attempt.outcome = "failure"
-        for message in broker.messages(queue=None)[deliveries_before:]:
+        for message in broker.messages(queue=None, since=deliveries_before):
             if message.task_id == run.task_id:
                 attempt.retry_published = True
                 attempt.countdown = message.countdown if message.countdown is not None else 0.0
@@ -268,6 +272,8 @@ class RetryWorker:
     # -- Celery plumbing -------------------------------------------------------------------
     def _request_for(self, consumer: _Consumer, message: Any) -> Any:
         app = consumer.app
+        # A kombu Consumer stamps each message with what the worker accepts; basic_get does not.
+        message.accept = prepare_accept_content(app.conf.accept_content)
         name = message.headers.get("task") if message.headers else None
         if name not in app.tasks:
             message.reject(requeue=False)
@@ -376,6 +382,7 @@ class RetryWorker:
         had_own = "serializer" in vars(task)
         previous = vars(task).get("serializer")
         task.serializer = "pickle"
+        task._exec_options = None  # Task caches its publish options, serializer included
         try:
             yield
         finally:
@@ -383,6 +390,7 @@ class RetryWorker:
                 task.serializer = previous
             else:
                 del task.serializer
+            task._exec_options = None
 
     def _signature(
         self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
@@ -420,6 +428,22 @@ class RetryWorker:
             f"attempts is intended, raise the limit: retry_worker.apply(..., max_attempts=N), "
             f"--celery-retry-max-attempts=N or the ini option celery_retry_max_attempts.\n{tail}"
         )
+
+
+def _drop_tracebacks(attempt: Attempt) -> None:
+    """Free the frames an earlier attempt's exceptions hold: 10,000 retries stay flat in memory.
+
+    Only the last attempt keeps its traceback, which is the one worth reading.
+    """
+    seen: set[int] = set()
+    pending = [attempt.raised, attempt.exc]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending += [exc.__context__, exc.__cause__]
 
 
 def _cause_of(exc: BaseException) -> BaseException:
