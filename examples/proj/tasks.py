@@ -1,0 +1,95 @@
+"""Tasks that retry, each in one of the ways Celery offers."""
+
+from __future__ import annotations
+
+import logging
+
+from .celery import app
+
+logger = logging.getLogger(__name__)
+
+# The publish retry policy of the project's first example: 4 tries, 3 s, 4 s, 5 s apart.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 3,
+    "interval_start": 3,
+    "interval_step": 1,
+    "interval_max": 6,
+}
+
+
+@app.task(name="foo.task", bind=True, max_retries=3)
+def foo_task(self):
+    """Explicit retry: countdowns 1, 3, 9 s, then MaxRetriesExceededError."""
+    try:
+        raise RuntimeError("boom")
+    except Exception as exc:
+        logger.warning("foo.task failed: %r, retrying", exc)
+        self.retry(countdown=3**self.request.retries)
+
+
+@app.task(
+    name="proj.sync_inventory",
+    autoretry_for=(ConnectionError,),
+    retry_backoff=True,
+    retry_backoff_max=600,
+    retry_jitter=False,
+    max_retries=5,
+)
+def sync_inventory(sku: str) -> None:
+    """Automatic retry with exponential backoff: 1, 2, 4, 8, 16 s."""
+    raise ConnectionError(f"inventory service unreachable for {sku}")
+
+
+@app.task(
+    name="proj.refresh_cache",
+    autoretry_for=(TimeoutError,),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    retry_jitter=True,
+    max_retries=4,
+)
+def refresh_cache(key: str) -> None:
+    """Backoff with full jitter: countdowns drawn from 0..2, 0..4, 0..8, 0..16 s."""
+    raise TimeoutError(f"cache node timed out refreshing {key}")
+
+
+class TransientHTTPError(Exception):
+    """A 503 from an upstream service: worth retrying."""
+
+
+class ExchangeRateAPI:
+    """Stands in for an HTTP client: the first ``failures`` calls get a 503."""
+
+    def __init__(self, failures: int = 2) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def get_rate(self, currency: str) -> float:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise TransientHTTPError(f"503 Service Unavailable (call {self.calls})")
+        return {"EUR": 0.92, "GBP": 0.79}[currency]
+
+
+rates_api = ExchangeRateAPI()
+
+
+@app.task(name="proj.fetch_rate", bind=True, max_retries=5, default_retry_delay=10)
+def fetch_rate(self, currency: str) -> float:
+    """Retry on a 503 only, 10 s apart; succeeds on the 3rd call."""
+    try:
+        return rates_api.get_rate(currency)
+    except TransientHTTPError as exc:
+        raise self.retry(exc=exc) from exc
+
+
+@app.task(name="proj.send_receipt")
+def send_receipt(order_id: int) -> str:
+    return f"receipt for order {order_id}"
+
+
+@app.task(name="proj.place_order")
+def place_order(order_id: int) -> int:
+    """Publishes a follow-up task; kombu retries the publish if the broker is away."""
+    send_receipt.apply_async(args=(order_id,), retry=True, retry_policy=PUBLISH_RETRY_POLICY)
+    return order_id
