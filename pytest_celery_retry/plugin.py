@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "make the flaky_broker fail for this test",
     )
     config.addinivalue_line(
-        "markers", "real_broker: needs a real Redis or RabbitMQ (skipped without its URL)"
+        "markers",
+        "real_broker: needs a real Redis or RabbitMQ (skipped without its URL; the skip fails "
+        f"when {REQUIRE_REAL_BROKERS} is set)",
     )
 
 
@@ -69,6 +72,27 @@ def pytest_report_header(config: pytest.Config) -> str:
         f"celery-retry: seed={settings.seed} (--celery-retry-seed), "
         f"max attempts={settings.max_attempts}"
     )
+
+
+REQUIRE_REAL_BROKERS = "CELERY_RETRY_REQUIRE_REAL_BROKERS"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # In CI nothing real may be skipped silently: with CELERY_RETRY_REQUIRE_REAL_BROKERS set,
+    # a skipped real_broker test is reported as failed, with the skip's reason.
+    report = yield
+    if (
+        report.skipped
+        and os.environ.get(REQUIRE_REAL_BROKERS)
+        and item.get_closest_marker("real_broker") is not None
+    ):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{REQUIRE_REAL_BROKERS} is set, so this real-broker test may not be skipped: "
+            f"{report.longrepr}"
+        )
+    return report
 
 
 def _int_setting(config: pytest.Config, option: str, ini: str, default: int) -> int:

@@ -8,11 +8,13 @@ ends, whether it passed or failed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .app_state import AppPatch
-from .broker import InMemoryBroker, announce_publish, flavor_for_url
 from .clock import VirtualClock
+
+if TYPE_CHECKING:
+    from .broker import InMemoryBroker
 
 MEMORY_RESULT_BACKEND = "cache+memory://"
 
@@ -52,6 +54,8 @@ class RetrySession:
         installed = self.installations.get(id(app))
         if installed is not None:
             return installed
+        from .broker import InMemoryBroker, announce_publish, flavor_for_url
+
         if not self._signal_connected:
             from celery.signals import before_task_publish
 
@@ -86,6 +90,8 @@ class RetrySession:
             self.installations.clear()
             if self._signal_connected:
                 from celery.signals import before_task_publish
+
+                from .broker import announce_publish
 
                 before_task_publish.disconnect(announce_publish, dispatch_uid=id(self))
                 self._signal_connected = False

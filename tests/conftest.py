@@ -39,3 +39,20 @@ def app() -> Any:
 @pytest.fixture
 def celery_retry_app(app: Any) -> Any:
     return app
+
+
+REAL_BROKER_URLS = {
+    "redis": ("CELERY_RETRY_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "amqp": ("CELERY_RETRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+}
+
+
+def real_broker_url(kind: str) -> str:
+    """The real broker's URL from the environment, or a skip that says how to provide it."""
+    import os
+
+    variable, example = REAL_BROKER_URLS[kind]
+    url = os.environ.get(variable)
+    if not url:
+        pytest.skip(f"set {variable}={example} to run against a real {kind} broker")
+    return url

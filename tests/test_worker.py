@@ -219,8 +219,14 @@ def test_handlers_and_task_retry_signal(retry_worker):
         def on_failure(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
             seen.append(f"on_failure:{type(exc).__name__}")
 
-    @app.task(name="tracked", base=Tracked, shared=False, autoretry_for=(OSError,),
-              max_retries=2, default_retry_delay=1)
+    @app.task(
+        name="tracked",
+        base=Tracked,
+        shared=False,
+        autoretry_for=(OSError,),
+        max_retries=2,
+        default_retry_delay=1,
+    )
     def tracked() -> None:
         raise OSError("disk")
 
@@ -234,8 +240,10 @@ def test_handlers_and_task_retry_signal(retry_worker):
         signals.task_retry.disconnect(on_signal)
     assert seen == [
         # The signal carries Celery's Retry as the reason; the handler gets the cause.
-        "on_retry:OSError", "signal:Retry",
-        "on_retry:OSError", "signal:Retry",
+        "on_retry:OSError",
+        "signal:Retry",
+        "on_retry:OSError",
+        "signal:Retry",
         "on_failure:OSError",
     ]
 
@@ -284,7 +292,9 @@ def test_arguments_go_through_the_apps_serializer(retry_worker):
         retry_worker.apply(app.tasks["kind"], args=(object(),))
     # The opt-out pickles the arguments instead: what goes in comes out.
     assert retry_worker.apply(app.tasks["kind"], args=((1, 2),), serialize=False).result == "tuple"
-    assert retry_worker.apply(app.tasks["kind"], args=(object(),), serialize=False).result == "object"
+    assert (
+        retry_worker.apply(app.tasks["kind"], args=(object(),), serialize=False).result == "object"
+    )
 
 
 def test_unserializable_retry_arguments_lose_the_task_as_in_production(retry_worker):
