@@ -67,12 +67,28 @@ class AppPatch:
 
 def reset_connections(app: Any) -> None:
     """Close and forget the app's broker connection and producer pools."""
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
     amqp = app.__dict__.get("amqp")  # a cached_property: do not create it just to reset it
+    producer_pool = amqp._producer_pool if amqp is not None else None
+    pool = app._pool
+    for closing in (producer_pool, pool):
+        if closing is not None:
+            closing.force_close_all()
+    app._pool = None
     if amqp is not None:
         amqp._producer_pool = None
+    if pool is not None:
+        _unregister(pool)
+
+
+def _unregister(pool: Any) -> None:
+    # kombu registers pools globally, keyed by connection URL: a closed pool left there would be
+    # handed to the next app that connects to an equal URL ("Acquire on closed pool").
+    from kombu import pools
+
+    for group in (pools.connections, pools.producers):
+        for key, registered in list(group.items()):
+            if registered is pool or getattr(registered, "connections", None) is pool:
+                dict.__delitem__(group, key)  # the keys are already eqhashes
 
 
 def forget_tracers(app: Any) -> None:

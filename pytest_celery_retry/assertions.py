@@ -34,7 +34,7 @@ def assert_retried(run: TaskRun, times: int) -> None:
     if run.retries != times:
         _fail(
             f"expected {run.task_name} to retry {times} time(s), it retried {run.retries} "
-            f"time(s) (countdowns {run.countdowns})",
+            f"time(s) (countdowns {_fmt(run.countdowns)})",
             run.timeline(),
         )
 
@@ -46,7 +46,7 @@ def assert_not_retried(run: TaskRun) -> None:
     if run.retries:
         _fail(
             f"expected {run.task_name} not to retry, it retried {run.retries} time(s) "
-            f"(countdowns {run.countdowns})",
+            f"(countdowns {_fmt(run.countdowns)})",
             run.timeline(),
         )
 

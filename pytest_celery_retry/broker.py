@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from queue import Queue
 from typing import Any
 
+import kombu.transport as kombu_transport
 from kombu import serialization
 from kombu.transport import TRANSPORT_ALIASES, memory, virtual
 
@@ -162,9 +163,13 @@ def transport_for(flavor: str) -> type[_Transport]:
     if flavor not in FLAVORS:
         raise UsageError(f"unknown broker flavor {flavor!r}: choose one of {', '.join(FLAVORS)}")
     if flavor not in _transports:
-        _transports[flavor] = _flavored_transport(flavor)
-        globals()[f"_{flavor}_transport"] = _transports[flavor]
-        TRANSPORT_ALIASES[f"celery-retry-{flavor}"] = f"{__name__}:_{flavor}_transport"
+        transport = _transports[flavor] = _flavored_transport(flavor)
+        scheme = f"celery-retry-{flavor}"
+        globals()[f"_{flavor}_transport"] = transport
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:_{flavor}_transport"
+        # kombu caches resolved transports: if this module is ever imported afresh (pytester
+        # does that), the cache must point at the new class and its broker registry.
+        kombu_transport._transport_cache[scheme] = transport
     return _transports[flavor]
 
 

@@ -22,7 +22,6 @@ from typing import Any
 from celery import _state, signals
 from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import Retry, TaskRevokedError
-
 from celery.worker.request import Request
 from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid

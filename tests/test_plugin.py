@@ -110,7 +110,7 @@ def test_assert_retried_and_not_retried_failures(project: pytest.Pytester) -> No
     match_lines(
         result,
         *[
-            "*expected foo.task to retry 2 time(s), it retried 3 time(s) (countdowns [1.0, 3.0, 9.0])",
+            "*expected foo.task to retry 2 time(s), it retried 3 time(s) (countdowns [1, 3, 9])",
             "*expected foo.task not to retry, it retried 3 time(s)*",
         ],
     )
