@@ -91,13 +91,31 @@ class _Channel(memory.Channel):
     """kombu's memory channel, with the broker's queues instead of process-wide ones."""
 
     connection: _Transport
+    _restoring = False
+    # A broker takes back what a closed connection had not acknowledged (AMQP requeues at
+    # once); kombu's memory transport skips that, having no other consumer to hand it to.
+    do_restore = True
 
     def __init__(self, connection: _Transport, **kwargs: Any) -> None:
         # memory.Channel keeps its queues on the class: every test would share them.
         self.queues = connection.broker.queues
         super().__init__(connection, **kwargs)
 
+    def _restore(self, message: Any) -> None:
+        # Returning an unacknowledged message to its queue is the broker's own doing (the
+        # consumer rejected it or its connection closed): not a publish that can fail, and
+        # not a new delivery.
+        self.connection.broker._record_redelivery(message)
+        self._restoring = True
+        try:
+            super()._restore(message)
+        finally:
+            self._restoring = False
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        if self._restoring:
+            super()._put(queue, message, **kwargs)
+            return
         broker = self.connection.broker
         broker._operate("publish", self.connection.role, queue=queue)
         super()._put(queue, message, **kwargs)
@@ -214,8 +232,11 @@ class InMemoryBroker:
         self.operations: list[BrokerOperation] = []
         self.publishes: list[PublishRecord] = []
         self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
+        # (t, task id, task name) of each unacknowledged message the broker took back.
+        self.redeliveries: list[tuple[float, str, str]] = []
         self._faults: list[_Fault] = []
         self._down = False
+        self._down_from = 0.0
         self._down_until: float | None = None
         self._suspended = 0
         self._publish_seq = -1
@@ -265,19 +286,27 @@ class InMemoryBroker:
         self._down_until = None
         self._faults.clear()
 
-    def outage(self, seconds: float) -> None:
-        """Be down for ``seconds`` of virtual time from now."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+    def outage(self, seconds: float, starting_in: float = 0) -> None:
+        """Be down for ``seconds`` of virtual time, from now or ``starting_in`` seconds from now."""
+        if not _is_seconds(seconds) or seconds <= 0:
             raise UsageError(
                 f"outage(seconds={seconds!r}): an outage lasts a positive number of virtual seconds"
             )
-        self._down_until = self.clock.elapsed + seconds
+        if not _is_seconds(starting_in) or starting_in < 0:
+            raise UsageError(
+                f"outage(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
+            )
+        self._down_from = self.clock.elapsed + starting_in
+        self._down_until = self._down_from + seconds
 
     @property
     def is_down(self) -> bool:
         if self._down:
             return True
-        return self._down_until is not None and self.clock.elapsed < self._down_until
+        return (
+            self._down_until is not None
+            and self._down_from <= self.clock.elapsed < self._down_until
+        )
 
     def suspend_faults(self) -> _Suspended:
         """Context manager: operations inside succeed and are not counted against faults."""
@@ -404,6 +433,11 @@ class InMemoryBroker:
         _pending_publish["seq"] += 1
         _pending_publish["task_id"] = _pending_publish["task_name"] = None
 
+    def _record_redelivery(self, message: Any) -> None:
+        headers = message.headers or {}
+        entry = (self.clock.elapsed, headers.get("id", ""), headers.get("task", ""))
+        self.redeliveries.append(entry)
+
     def __repr__(self) -> str:
         return f"<InMemoryBroker {self.url} flavor={self.flavor} down={self.is_down}>"
 
@@ -437,6 +471,10 @@ def _kinds(on: str | Iterable[str]) -> frozenset[str]:
             "(or a list of them)"
         )
     return kinds
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _error_factory(exc: BaseException | type[BaseException] | None) -> ExceptionFactory | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored"]
+AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored", "worker-lost"]
 RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
 OperationKind = Literal["connect", "publish", "consume"]
 
@@ -34,6 +34,8 @@ def format_seconds(value: float | None) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A left-aligned text table: the one layout every timeline in the plugin uses."""
+    # A row may leave its trailing cells out (an attempt without a note).
+    rows = [[*row, *[""] * (len(headers) - len(row))] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
@@ -72,6 +74,7 @@ class Attempt:
             "failure": "FAILURE",
             "rejected": "REJECTED",
             "ignored": "IGNORED",
+            "worker-lost": "FAILURE",
             None: "STARTED",
         }[self.outcome]
 
@@ -147,7 +150,10 @@ class TaskRun:
             + ([a.note] if a.note else [])
             for a in self.attempts
         ]
-        table = format_table(["#", "t", "retries", "outcome", "countdown", "exception"], rows)
+        headers = ["#", "t", "retries", "outcome", "countdown", "exception"]
+        if any(a.note for a in self.attempts):
+            headers.append("note")
+        table = format_table(headers, rows)
         summary = (
             f"final: {self.state} after {len(self.attempts)} attempt(s), {self.retries} "
             f"retr{'y' if self.retries == 1 else 'ies'}, {self.elapsed:g} s of virtual time"

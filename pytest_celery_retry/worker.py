@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import random
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery import _state, signals
 from celery.concurrency.base import BasePool, apply_target
-from celery.exceptions import Retry, TaskRevokedError
+from celery.exceptions import Retry, TaskRevokedError, WorkerLostError, WorkerShutdown
+from celery.worker.consumer.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
 from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid
@@ -42,13 +47,31 @@ _TIMELINE_TAIL = 8
 
 
 class _InlinePool(BasePool):
-    """Celery's solo pool without its ``worker_process_init`` signal: no worker process starts."""
+    """Celery's solo pool without its ``worker_process_init`` signal: no worker process starts.
+
+    It can also lose its "worker process" the way the prefork pool reports a killed child:
+    the job was accepted, then the error callback gets ``WorkerLostError``. Celery's
+    ``Request.on_failure`` then decides (ack, reject, requeue) as in production.
+    """
 
     body_can_be_buffer = True
 
     def __init__(self) -> None:
         super().__init__(limit=1)
-        self.on_apply = apply_target
+        self.on_apply = self._apply
+        # The error the next job's "worker process" dies with, if it is to die.
+        self.crash_next: WorkerLostError | None = None
+
+    def _apply(self, target: Any, *args: Any, **kwargs: Any) -> None:
+        lost, self.crash_next = self.crash_next, None
+        if lost is None:
+            apply_target(target, *args, **kwargs)
+            return
+        kwargs["accept_callback"](os.getpid(), time.monotonic())
+        try:
+            raise lost
+        except WorkerLostError:
+            kwargs["error_callback"](ExceptionInfo())
 
 
 @dataclass(order=True)
@@ -72,21 +95,68 @@ class MessageEvent:
 class _Consumer:
     """The worker's own connection to one app's broker, and the messages it holds."""
 
-    def __init__(self, installed: AppInstallation) -> None:
+    def __init__(self, installed: AppInstallation, events: list[MessageEvent]) -> None:
         self.app = installed.app
         self.broker: InMemoryBroker = installed.broker
-        self.connection = self.app.connection_for_read(
-            transport_options={CONSUMER_ROLE_OPTION: "consumer"}
-        )
+        self.events = events
         self.ready: deque[Any] = deque()
         self.held: list[_Held] = []
         self._seq = itertools.count()
+        # The attributes Celery's Consumer.ensure_connected reads and updates.
+        self._celery_state = SimpleNamespace(
+            app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
+        )
+        self.connection = self._connect()
+
+    def _connect(self) -> Any:
+        """Connect as a worker's consumer does: Celery's own ensure_connected and its policy."""
+        connection = self.app.connection_for_read(
+            transport_options={CONSUMER_ROLE_OPTION: "consumer"}
+        )
+        return CeleryConsumer.ensure_connected(self._celery_state, connection)
 
     def close(self) -> None:
         self.connection.release()
 
     def fetch(self, worker: RetryWorker) -> None:
-        """Take every message waiting on the broker: due ones to run, ETA ones to hold."""
+        """Take what the broker holds; a lost connection is handled as Celery's consumer does."""
+        recoverable = tuple(self.connection.connection_errors)
+        if self.app.conf.broker_channel_error_retry:
+            recoverable += tuple(self.connection.channel_errors)
+        while True:
+            try:
+                self._fetch(worker)
+                return
+            except recoverable as exc:
+                self._on_connection_lost(exc)
+
+    def _on_connection_lost(self, exc: BaseException) -> None:
+        # As celery.worker.consumer.Consumer.start: without broker_connection_retry the worker
+        # shuts down; otherwise it drops the connection (the broker takes back every message
+        # it had not acknowledged, ETA messages held here included) and reconnects with
+        # broker_connection_max_retries, sleeping on the virtual clock.
+        self.events.append(
+            MessageEvent(self.broker.clock.elapsed, "", "", "connection lost", repr(exc))
+        )
+        if not self.app.conf.broker_connection_retry:
+            self.events.append(
+                MessageEvent(
+                    self.broker.clock.elapsed,
+                    "",
+                    "",
+                    "worker shutdown",
+                    "broker_connection_retry=False",
+                )
+            )
+            raise WorkerShutdown(1) from exc
+        self.ready.clear()
+        self.held.clear()
+        with self.broker.suspend_faults():
+            self.connection.release()
+        self.connection = self._connect()
+        self.events.append(MessageEvent(self.broker.clock.elapsed, "", "", "reconnected"))
+
+    def _fetch(self, worker: RetryWorker) -> None:
         channel = self.connection.default_channel
         now = self.broker.clock.now()
         for queue in list(self.broker.queues):
@@ -102,13 +172,21 @@ class _Consumer:
                     self.ready.append(request)
 
     def next_request(self) -> Any | None:
-        if self.ready:
-            return self.ready.popleft()
-        if self.held:
-            held = heapq.heappop(self.held)
-            self.broker.clock.advance_to(held.eta)
-            return held.request
-        return None
+        return self.ready.popleft() if self.ready else None
+
+    def wait_for_next_eta(self) -> bool:
+        """Move the clock to the earliest held ETA and make what is due ready; False if none.
+
+        The caller polls the broker again before running it, so a broker that went away
+        meanwhile is noticed as a waiting worker would notice it.
+        """
+        if not self.held:
+            return False
+        due = self.held[0].eta
+        self.broker.clock.advance_to(due)
+        while self.held and self.held[0].eta <= due:
+            self.ready.append(heapq.heappop(self.held).request)
+        return True
 
 
 class RetryWorker:
@@ -125,6 +203,7 @@ class RetryWorker:
         self._pool = _InlinePool()
         self._current: Attempt | None = None
         self._receiver_connected = False
+        self._crashes: dict[str, int] = {}
 
     @property
     def clock(self) -> Any:
@@ -185,6 +264,22 @@ class RetryWorker:
             if len(run.attempts) != before.get(task_id, 0)
         }
 
+    def crash_during(self, task: Any, times: int = 1) -> None:
+        """Lose the worker process during the next ``times`` executions of ``task``.
+
+        The pool reports ``WorkerLostError`` after accepting the job, as the prefork pool does
+        for a killed child, before the task body runs (so it has no side effects). Celery
+        decides what happens to the message: with ``acks_late`` and
+        ``task_reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
+        it was acknowledged when accepted and the task fails with ``WorkerLostError``.
+        """
+        name = task if isinstance(task, str) else getattr(task, "name", None)
+        if not isinstance(name, str):
+            raise UsageError(f"crash_during({task!r}): pass a task, a signature or a task name")
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
+        self._crashes[name] = self._crashes.get(name, 0) + times
+
     def run(self, task_id: str) -> TaskRun:
         try:
             return self.runs[task_id]
@@ -214,6 +309,8 @@ class RetryWorker:
             consumer.fetch(self)
             request = consumer.next_request()
             if request is None:
+                if consumer.wait_for_next_eta():
+                    continue
                 return
             run = self._run_for(request)
             if len(run.attempts) >= limit:
@@ -246,6 +343,13 @@ class RetryWorker:
             _drop_tracebacks(run.attempts[-1])
         run.attempts.append(attempt)
         deliveries_before = broker.delivery_count
+        events_before = len(self.events)
+        crash: WorkerLostError | None = None
+        if self._crashes.get(run.task_name, 0) > 0:
+            self._crashes[run.task_name] -= 1
+            crash = self._pool.crash_next = WorkerLostError(
+                "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
+            )
         self._current = attempt
         try:
             request.execute_using_pool(self._pool)
@@ -254,6 +358,8 @@ class RetryWorker:
             attempt.note = "revoked (expired or revoked before it ran)"
         finally:
             self._current = None
+        if crash is not None:
+            self._record_crash(attempt, crash, request, self.events[events_before:])
         if attempt.outcome is None:  # the tracer never ran: Celery's internal error path
             attempt.outcome = "failure"
         for message in broker.messages(queue=None, since=deliveries_before):
@@ -267,6 +373,19 @@ class RetryWorker:
         if attempt.outcome == "rejected" and not attempt.retry_published:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
+
+    @staticmethod
+    def _record_crash(
+        attempt: Attempt, lost: WorkerLostError, request: Any, events: list[MessageEvent]
+    ) -> None:
+        attempt.outcome, attempt.exc, attempt.raised = "worker-lost", lost, lost
+        actions = {event.action for event in events if event.task_id == attempt.task_id}
+        if "requeued" in actions:
+            attempt.note = "worker lost; message requeued (acks_late, task_reject_on_worker_lost)"
+        elif not request.task.acks_late:
+            attempt.note = "worker lost; the message was acked before it ran: task not redelivered"
+        else:
+            attempt.note = "worker lost; acks_late acked it as failed: task not redelivered"
 
     # -- Celery plumbing -------------------------------------------------------------------
     def _request_for(self, consumer: _Consumer, message: Any) -> Any:
@@ -318,7 +437,7 @@ class RetryWorker:
     def _consumer(self, installed: AppInstallation) -> _Consumer:
         consumer = self._consumers.get(id(installed.app))
         if consumer is None:
-            consumer = self._consumers[id(installed.app)] = _Consumer(installed)
+            consumer = self._consumers[id(installed.app)] = _Consumer(installed, self.events)
         return consumer
 
     def _on_postrun(
