@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, UsageError
 
 _URL_ENVIRONMENT = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
 
@@ -96,3 +96,24 @@ def forget_tracers(app: Any) -> None:
     for task in list(app.tasks.values()):
         if getattr(task, "__trace__", None) is not None:
             task.__trace__ = None
+
+
+def check_retry_policy(policy: Any, source: str) -> None:
+    """Refuse a publish retry policy with keys kombu's ``Connection.ensure`` does not take.
+
+    kombu only looks at the policy once a publish fails with ``retry=True``, and then raises
+    ``TypeError``; a misspelt key would otherwise go unnoticed in every passing test.
+    """
+    if not policy:
+        return
+    import inspect
+
+    from kombu.connection import Connection
+
+    accepted = set(inspect.signature(Connection.ensure).parameters) - {"self", "obj", "fun"}
+    unknown = sorted(set(policy) - accepted)
+    if unknown:
+        raise UsageError(
+            f"{source} has unknown key(s) {', '.join(map(repr, unknown))}: kombu's retry policy "
+            f"takes {', '.join(sorted(accepted))}"
+        )

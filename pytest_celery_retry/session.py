@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .app_state import AppPatch
+from .app_state import AppPatch, check_retry_policy
 from .clock import VirtualClock
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class RetrySession:
 
             before_task_publish.connect(announce_publish, weak=False, dispatch_uid=id(self))
             self._signal_connected = True
+        check_retry_policy(app.conf.task_publish_retry_policy, "task_publish_retry_policy")
         patch = AppPatch(app)
         try:
             broker = InMemoryBroker(

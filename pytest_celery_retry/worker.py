@@ -28,9 +28,11 @@ from celery.concurrency.base import BasePool, apply_target
 from celery.exceptions import Retry, TaskRevokedError, WorkerLostError, WorkerShutdown
 from celery.worker.consumer.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
+from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid
 
+from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker
 from .errors import EndlessRetryError, UsageError
 from .records import Attempt, AttemptOutcome, TaskRun
@@ -44,6 +46,10 @@ _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "IGNORED": "ignored",
 }
 _TIMELINE_TAIL = 8
+
+
+class ArgumentEncodeError(UsageError, EncodeError):
+    """Task arguments the app's serializer cannot encode (still a kombu ``EncodeError``)."""
 
 
 class _InlinePool(BasePool):
@@ -229,6 +235,8 @@ class RetryWorker:
         The first message is published with the broker's faults suspended; every retry goes
         through the broker as it is, faults included. Options go to ``apply_async``.
         """
+        self._check_schedule(options)
+        check_retry_policy(options.get("retry_policy"), "retry_policy")
         signature = self._signature(task, args, kwargs, options)
         app = signature._app or signature.type._get_app()
         installed = self._session.installation(app)
@@ -236,7 +244,16 @@ class RetryWorker:
         task_id = signature.options.get("task_id") or uuid()
         with self._serialization(app, task_obj, serialize), self._running(app):
             with installed.broker.suspend_faults():
-                signature.apply_async(task_id=task_id)
+                try:
+                    signature.apply_async(task_id=task_id)
+                except EncodeError as exc:
+                    raise ArgumentEncodeError(
+                        f"{signature.task}: the arguments cannot be serialized with "
+                        f"{task_obj.serializer or app.conf.task_serializer!r} ({exc}). Celery "
+                        "fails the same way in production. Pass arguments the serializer "
+                        "can encode, or pickle them in the test with apply(..., "
+                        "serialize=False) or the ini option celery_retry_serialize = false"
+                    ) from exc
             self._work(installed, until=task_id, max_attempts=max_attempts)
         return self.runs[task_id]
 
@@ -532,6 +549,32 @@ class RetryWorker:
         if not hasattr(task, "signature") or not hasattr(task, "name"):
             raise UsageError(f"apply({task!r}): expected a Celery task or a signature")
         return task.signature(tuple(args or ()), kwargs or {}, **options)
+
+    def _check_schedule(self, options: dict[str, Any]) -> None:
+        """A first message scheduled in the past would run at once in Celery: say so instead."""
+        countdown = options.get("countdown")
+        if countdown is not None and (
+            isinstance(countdown, bool) or not isinstance(countdown, (int, float))
+        ):
+            raise UsageError(f"countdown={countdown!r}: give a number of seconds, e.g. 10")
+        if countdown is not None and countdown < 0:
+            raise UsageError(
+                f"countdown={countdown!r} is negative: Celery would run the task at once. "
+                "Give 0 or more seconds"
+            )
+        eta = options.get("eta")
+        if eta is None:
+            return
+        if not isinstance(eta, datetime):
+            raise UsageError(f"eta={eta!r}: give a datetime, e.g. clock.now() + timedelta(...)")
+        now = self.clock.now()
+        when = eta if eta.tzinfo is not None else eta.replace(tzinfo=now.tzinfo)
+        if when < now:
+            raise UsageError(
+                f"eta={eta.isoformat()} is {(now - when).total_seconds():g} s before the "
+                f"virtual clock's now ({now.isoformat()}): Celery would run the task at once. "
+                "Build etas from retry_worker.clock.now(), or use countdown="
+            )
 
     def _endless_message(self, run: TaskRun, limit: int) -> str:
         lines = run.timeline().splitlines()
