@@ -212,6 +212,49 @@ def test_broker_outage_marker(project: pytest.Pytester) -> None:
     match_lines(result, *["*give one of fail_next=, seconds= or down=True*"])
 
 
+def test_broker_driven_worker(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        """
+        from celery.exceptions import WorkerLostError
+        from proj import app, foo_task
+
+        @app.task(name="charge", acks_late=True, reject_on_worker_lost=True)
+        def charge(amount):
+            return amount
+
+        def test_delay_then_run_until_idle(flaky_broker, retry_worker):
+            result = foo_task.delay()
+            run = retry_worker.run_until_idle()[result.id]
+            assert run.countdowns == [1, 3, 9]
+            assert len(flaky_broker.messages()) == 4
+            assert run.state == "FAILURE"
+
+        def test_lost_republish_is_reported(flaky_broker, retry_worker):
+            flaky_broker.fail_next(100, on="publish", after=2)
+            result = foo_task.delay()
+            run = retry_worker.run_until_idle()[result.id]
+            assert run.lost
+            print(run.timeline())
+
+        def test_crash_redelivers(flaky_broker, retry_worker):
+            retry_worker.crash_during(charge)
+            result = charge.delay(5)
+            run = retry_worker.run_until_idle()[result.id]
+            assert [a.outcome for a in run.attempts] == ["worker-lost", "success"]
+            assert isinstance(run.attempts[0].exc, WorkerLostError)
+        """
+    )
+    result = project.runpytest("-p", "no:randomly", "-s")
+    result.assert_outcomes(passed=3)
+    match_lines(
+        result,
+        *[
+            "*2*+1.000s*1*rejected*-*Reject(*retry not published: Celery rejected the message*",
+            "*the task is LOST*",
+        ],
+    )
+
+
 def test_publish_assertion_failure_shows_broker_timeline(project: pytest.Pytester) -> None:
     project.makepyfile(
         """
