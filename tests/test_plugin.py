@@ -255,6 +255,37 @@ def test_broker_driven_worker(project: pytest.Pytester) -> None:
     )
 
 
+def test_celerys_own_celery_app_and_celery_config_fixtures_work_beside_it(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest('pytest_plugins = ["celery.contrib.pytest"]')
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture
+        def celery_config():
+            return {"broker_url": "memory://", "task_acks_late": True}
+
+        def test_worker_on_celery_app(celery_app, retry_worker, flaky_broker):
+            @celery_app.task(bind=True, max_retries=2, default_retry_delay=7)
+            def flaky(self):
+                raise self.retry()
+
+            run = retry_worker.apply(flaky)
+            assert run.countdowns == [7, 7]
+            assert celery_app.conf.broker_url == flaky_broker.url
+            assert flaky.acks_late  # celery_config reached the app the worker ran
+
+        def test_celery_app_alone_is_untouched(celery_app):
+            assert celery_app.conf.broker_url == "memory://"
+            assert celery_app.conf.task_acks_late
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+
+
 def test_publish_assertion_failure_shows_broker_timeline(project: pytest.Pytester) -> None:
     project.makepyfile(
         """
