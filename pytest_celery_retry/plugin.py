@@ -123,8 +123,10 @@ def _settings(config: pytest.Config) -> Settings:
 
 
 @pytest.fixture
-def celery_retry_app(pytestconfig: pytest.Config) -> Any:
-    """The Celery app the fixtures install on. Override it, or set ini ``celery_retry_app``."""
+def celery_retry_app(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> Any:
+    """The Celery app the fixtures install on: the ini option ``celery_retry_app``, else the
+    test's ``celery_app`` (Celery's own pytest plugin) when it uses one, else the current app.
+    """
     spec = str(pytestconfig.getini("celery_retry_app")).strip()
     if spec:
         module_name, _, attribute = spec.partition(":")
@@ -133,6 +135,8 @@ def celery_retry_app(pytestconfig: pytest.Config) -> Any:
                 f"celery_retry_app = {spec!r}: write it as module:attribute, e.g. proj.celery:app"
             )
         return getattr(importlib.import_module(module_name), attribute)
+    if "celery_app" in request.fixturenames:
+        return request.getfixturevalue("celery_app")
     from celery import current_app
 
     return current_app._get_current_object()
