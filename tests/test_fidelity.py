@@ -16,6 +16,8 @@ import logging
 import os
 import threading
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,9 +26,11 @@ from typing import Any, ClassVar
 
 import pytest
 from celery import _state, signals
+from celery.app.log import Logging as CeleryLogging
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Reject, Retry
 from celery.result import _set_task_join_will_block, task_join_will_block
+from celery.worker import state as worker_state
 from kombu import pools
 from kombu.transport import memory, pyamqp, virtual
 from kombu.utils.uuid import uuid
@@ -187,6 +191,7 @@ CASES = [
 @dataclass(frozen=True)
 class AttemptRecord:
     retries: int  # request.retries during the attempt
+    args: tuple[Any, ...]  # as the task received them
     state: str  # the state Celery's tracer ended the attempt with
     raised: str  # what the attempt raised, as describe() writes it
     published_retry: bool  # a message for the task reached the broker during the attempt
@@ -251,7 +256,7 @@ def virtual_record(case: Case, app: Any, task: Any, retry_worker: Any, broker: A
     run = retry_worker.apply(task, args=case.args)
     return Record(
         attempts=tuple(
-            AttemptRecord(a.retries, a.state, describe(a.raised), a.retry_published)
+            AttemptRecord(a.retries, a.args, a.state, describe(a.raised), a.retry_published)
             for a in run.attempts
         ),
         countdowns=countdowns(run.countdowns, case),
@@ -271,6 +276,7 @@ def virtual_record(case: Case, app: Any, task: Any, retry_worker: Any, broker: A
 @dataclass
 class RealAttempt:
     retries: int
+    args: tuple[Any, ...]
     delivered_before: int
     started: float = field(default_factory=time.monotonic)  # for a failure message's eyes
     state: str = "STARTED"
@@ -334,10 +340,12 @@ class SignalRecorder:
             self.delivered.append(self._publishing)
             self._publishing = None
 
-    def _prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    def _prerun(
+        self, task_id: str | None = None, task: Any = None, args: Any = (), **_: Any
+    ) -> None:
         if task_id == self.task_id:
             retries = int(task.request.retries or 0)
-            self.attempts.append(RealAttempt(retries, delivered_before=len(self.delivered)))
+            self.attempts.append(RealAttempt(retries, tuple(args), len(self.delivered)))
 
     def _retry(self, request: Any = None, reason: BaseException | None = None, **_: Any) -> None:
         if request is not None and request.id == self.task_id and self.attempts:
@@ -368,6 +376,7 @@ class SignalRecorder:
             attempts=tuple(
                 AttemptRecord(
                     a.retries,
+                    a.args,
                     a.state,
                     # For a retry, the Retry that Celery handled and announced (task_retry).
                     describe(a.retry_reason if a.state == "RETRY" else a.raised),
@@ -462,30 +471,41 @@ def process_state_kept() -> Iterator[None]:
     """Undo what starting an embedded worker changes in the process, and check for leftovers.
 
     start_worker makes its app the current and the default app and sets up Celery's logging
-    (environment variables, warning capture). The logging set-up is answered by a receiver,
-    so that pytest's log capture keeps the root logger.
+    (a class-wide flag, environment variables, warning filters and capture); the worker counts
+    the tasks it ran in module globals. Celery's logging set-up is answered by a receiver, so
+    that pytest's log capture keeps the root logger.
     """
     threads = set(threading.enumerate())
     environ = dict(os.environ)
     default_app, current_app = _state.default_app, getattr(_state._tls, "current_app", None)
     join_will_block = task_join_will_block()
+    logging_set_up = CeleryLogging._setup
     warnings_captured = getattr(logging, "_warnings_showwarning", None) is not None
+    total_count = Counter(worker_state.total_count)
+    all_total_count = worker_state.all_total_count[0]
 
     def keep_logging(**_: Any) -> bool:
         return True
 
     signals.setup_logging.connect(keep_logging, weak=False, dispatch_uid=id(keep_logging))
     try:
-        yield
+        with warnings.catch_warnings():
+            try:
+                yield
+            finally:
+                if not warnings_captured:
+                    logging.captureWarnings(False)
     finally:
         signals.setup_logging.disconnect(keep_logging, dispatch_uid=id(keep_logging))
-        if not warnings_captured:
-            logging.captureWarnings(False)
+        CeleryLogging._setup = logging_set_up
         os.environ.clear()
         os.environ.update(environ)
         _state.set_default_app(default_app)
         _state._set_current_app(current_app)
         _set_task_join_will_block(join_will_block)
+        worker_state.total_count.clear()
+        worker_state.total_count.update(total_count)
+        worker_state.all_total_count[0] = all_total_count
     leftover = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
     assert not leftover, f"the real worker left threads running: {leftover}"
 
