@@ -280,7 +280,6 @@ def virtual_record(case: Case, app: Any, task: Any, retry_worker: Any, broker: A
 class RealAttempt:
     retries: int
     args: tuple[Any, ...]
-    delivered_before: int
     started: float = field(default_factory=time.monotonic)  # for a failure message's eyes
     state: str = "STARTED"
     raised: BaseException | None = None
@@ -293,21 +292,24 @@ class Publish:
     headers: dict[str, Any]
     body: Any
     countdown: float  # the ETA header minus the moment of publishing
+    sent: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class SignalRecorder:
     """What a real worker did with one task id, as Celery's signals tell it.
 
-    Receivers run in the worker's threads (the consumer's, and the timer's for ETA messages);
-    the test thread waits on :attr:`finished`.
+    Receivers run in the worker's threads (the consumer's, and the timer's for ETA messages)
+    and in the test's, which publishes the first message while the worker may already run it:
+    what is in progress (a publish, an attempt) is kept per thread. The test thread waits on
+    :attr:`finished`.
     """
 
     task_id: str
     attempts: list[RealAttempt] = field(default_factory=list)
     delivered: list[Publish] = field(default_factory=list)
     finished: threading.Event = field(default_factory=threading.Event)
-    _publishing: Publish | None = None
+    _in_progress: threading.local = field(default_factory=threading.local)
 
     @contextmanager
     def connected(self) -> Iterator[SignalRecorder]:
@@ -335,24 +337,31 @@ class SignalRecorder:
         if headers.get("eta"):
             eta = datetime.fromisoformat(headers["eta"])
             countdown = (eta - datetime.now(timezone.utc)).total_seconds()
-        self._publishing = Publish(dict(headers), body, countdown)
+        self._in_progress.publish = Publish(dict(headers), body, countdown)
 
     def _after_publish(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
         # Only here is the message on the broker: a publish kombu gave up on never gets here.
-        if headers and headers.get("id") == self.task_id and self._publishing is not None:
-            self.delivered.append(self._publishing)
-            self._publishing = None
+        publish = getattr(self._in_progress, "publish", None)
+        if not headers or headers.get("id") != self.task_id or publish is None:
+            return
+        self.delivered.append(publish)
+        self._in_progress.publish = None
+        attempt = getattr(self._in_progress, "attempt", None)
+        if attempt is not None:
+            attempt.published_retry = True
 
     def _prerun(
         self, task_id: str | None = None, task: Any = None, args: Any = (), **_: Any
     ) -> None:
         if task_id == self.task_id:
             retries = int(task.request.retries or 0)
-            self.attempts.append(RealAttempt(retries, tuple(args), len(self.delivered)))
+            attempt = self._in_progress.attempt = RealAttempt(retries, tuple(args))
+            self.attempts.append(attempt)
 
     def _retry(self, request: Any = None, reason: BaseException | None = None, **_: Any) -> None:
-        if request is not None and request.id == self.task_id and self.attempts:
-            self.attempts[-1].retry_reason = reason
+        attempt = getattr(self._in_progress, "attempt", None)
+        if request is not None and request.id == self.task_id and attempt is not None:
+            attempt.retry_reason = reason
 
     def _postrun(
         self,
@@ -361,17 +370,19 @@ class SignalRecorder:
         retval: Any = None,
         **_: Any,
     ) -> None:
-        if task_id != self.task_id or not self.attempts:
+        attempt = getattr(self._in_progress, "attempt", None)
+        if task_id != self.task_id or attempt is None:
             return
-        attempt = self.attempts[-1]
+        self._in_progress.attempt = None
         attempt.state = state or "?"
         attempt.raised = retval if isinstance(retval, BaseException) else None
-        attempt.published_retry = len(self.delivered) > attempt.delivered_before
         if not attempt.published_retry:
             self.finished.set()
 
     def record(self, case: Case, app: Any, left_on_broker: int, refused: int) -> Record:
         last = self.attempts[-1] if self.attempts else None
+        # In publishing order: the test's first message, then each retry.
+        delivered = sorted(self.delivered, key=lambda publish: publish.sent)
         ended_badly = (
             last is not None and last.state in ("FAILURE", "REJECTED") and not last.published_retry
         )
@@ -387,7 +398,7 @@ class SignalRecorder:
                 )
                 for a in self.attempts
             ),
-            countdowns=countdowns([p.countdown for p in self.delivered[1:]], case),
+            countdowns=countdowns([p.countdown for p in delivered[1:]], case),
             messages=tuple(
                 message_record(
                     case,
@@ -396,7 +407,7 @@ class SignalRecorder:
                     *p.body[:2],
                     p.headers["eta"],
                 )
-                for p in self.delivered
+                for p in delivered
             ),
             result_state=app.AsyncResult(self.task_id).state,
             exception=describe(last.raised) if ended_badly and last is not None else None,
