@@ -37,9 +37,10 @@ from .records import (  # noqa: E402
 
 if TYPE_CHECKING:
     from .broker import InMemoryBroker
+    from .proxy import BrokerProxy
     from .worker import RetryWorker
 
-_LAZY = {"InMemoryBroker": "broker", "RetryWorker": "worker"}
+_LAZY = {"BrokerProxy": "proxy", "InMemoryBroker": "broker", "RetryWorker": "worker"}
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +55,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Attempt",
     "BrokerOperation",
+    "BrokerProxy",
     "CeleryRetryError",
     "ConfigurationError",
     "DeliveredMessage",

@@ -7,7 +7,7 @@ because a retry bug is rarely visible in one number.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from .records import PublishRecord, TaskRun
 
@@ -98,8 +98,17 @@ def assert_backoff(
         )
 
 
+class PublishRecorder(Protocol):
+    """What ``assert_publish_retries`` reads: the in-memory broker and the ``BrokerProxy``."""
+
+    @property
+    def publishes(self) -> Sequence[PublishRecord]: ...
+
+    def timeline(self) -> str: ...
+
+
 def assert_publish_retries(
-    broker: Any,
+    broker: PublishRecorder,
     attempts: int | None = None,
     intervals: Sequence[float] | None = None,
     *,

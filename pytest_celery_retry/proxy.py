@@ -1,0 +1,432 @@
+"""A TCP fault proxy between a Celery app and a real broker.
+
+The in-memory broker imitates what a real transport raises; this proxy lets the real
+transport raise it. It forwards bytes between 127.0.0.1 and the broker untouched, so the real
+redis-py or py-amqp client talks to the real Redis or RabbitMQ, and on command it refuses,
+drops, resets, delays or swallows connections. Times are real seconds since :meth:`start`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+from .errors import ConfigurationError, UsageError
+from .records import BrokerOperation, PublishRecord, format_table
+
+AttemptOutcome = Literal["accepted", "refused", "blackholed"]
+CutMode = Literal["refuse", "reset"]
+_Mode = Literal["open", "refuse", "reset", "blackhole"]
+
+URL_VARIABLES = {"redis": "CELERY_RETRY_REDIS_URL", "amqp": "CELERY_RETRY_AMQP_URL"}
+_KIND_OF_SCHEME = {
+    "redis": "redis",
+    "rediss": "redis",
+    "amqp": "amqp",
+    "amqps": "amqp",
+    "pyamqp": "amqp",
+}
+_DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "pyamqp": 5672}
+# How often a forwarding thread looks up from a quiet socket to notice a cut or close.
+_POLL = 0.05
+_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class ConnectionAttempt:
+    """One TCP connection a client opened to the proxy (or tried to, during a reset cut)."""
+
+    number: int
+    t: float
+    outcome: AttemptOutcome
+    peer: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ProxyEvent:
+    """A fault the test switched on or off, for the timeline."""
+
+    t: float
+    what: str
+
+
+def broker_kind(url: str) -> str:
+    """``redis`` or ``amqp``: which real broker a URL points at."""
+    scheme = url.split("://", 1)[0].lower()
+    kind = _KIND_OF_SCHEME.get(scheme)
+    if kind is None or "://" not in url:
+        raise UsageError(
+            f"broker URL {url!r}: the proxy forwards redis://, rediss://, amqp://, amqps:// "
+            "and pyamqp:// URLs"
+        )
+    return kind
+
+
+class _Link:
+    """One proxied connection: the client's socket and, unless blackholed, the broker's."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def close(self, reset: bool = False) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        if reset:
+            # Zero linger makes close() send RST instead of FIN: the client sees ECONNRESET.
+            with contextlib.suppress(OSError):
+                self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for sock in (self.client, self.upstream):
+            if sock is not None:
+                sock.close()
+
+
+class BrokerProxy:
+    """Forward a broker URL through 127.0.0.1 and break the connection on command.
+
+    ``url`` is the upstream URL with the host and port replaced by the proxy's; scheme,
+    credentials, virtual host and database are kept.
+    """
+
+    def __init__(self, upstream_url: str, *, probe_timeout: float = 1.0) -> None:
+        self.upstream_url = upstream_url
+        self.kind = broker_kind(upstream_url)
+        self._parts = urlsplit(upstream_url)
+        if ";" in upstream_url or "," in self._parts.netloc:
+            raise UsageError(f"broker URL {upstream_url!r}: give the proxy a single broker URL")
+        self.upstream_host = self._parts.hostname or "127.0.0.1"
+        self.upstream_port = self._parts.port or _DEFAULT_PORTS[self._parts.scheme.lower()]
+        self.probe_timeout = probe_timeout
+        self.events: list[ProxyEvent] = []
+        self._attempts: list[ConnectionAttempt] = []
+        self._numbers = itertools.count(1)
+        self._links: list[_Link] = []
+        self._threads: list[threading.Thread] = []
+        self._timers: list[threading.Timer] = []
+        self._lock = threading.RLock()
+        self._listener: socket.socket | None = None
+        self._port: int | None = None
+        self._mode: _Mode = "open"
+        self._latency = 0.0
+        self._t0 = 0.0
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> BrokerProxy:
+        """Check that the broker answers, then listen on an ephemeral port."""
+        with self._lock:
+            if self._closed:
+                raise UsageError("this BrokerProxy was closed: create a new one")
+            if self._started:
+                return self
+            self._probe_upstream()
+            self._t0 = time.monotonic()
+            self._listen()
+            self._started = True
+        return self
+
+    def close(self) -> None:
+        """Stop listening, close every connection and wait for the proxy's threads."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for timer in self._timers:
+                timer.cancel()
+            self._stop_listening()
+            links, self._links = self._links, []
+            threads, self._threads = self._threads, []
+        for link in links:
+            link.close()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2)
+
+    def __enter__(self) -> BrokerProxy:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        """The broker URL to give the app: same scheme, credentials and path, via the proxy."""
+        if self._port is None:
+            raise UsageError("BrokerProxy.url: call start() first (the port is chosen then)")
+        netloc = f"127.0.0.1:{self._port}"
+        userinfo = self._parts.netloc.rpartition("@")[0]
+        if userinfo:
+            netloc = f"{userinfo}@{netloc}"
+        return urlunsplit(SplitResult(self._parts.scheme, netloc, *self._parts[2:]))
+
+    # -- faults ----------------------------------------------------------------------------
+    def cut(self, how: CutMode = "refuse") -> None:
+        """Take the broker away: drop every open connection and refuse new ones.
+
+        ``how="refuse"`` closes the port, so a client gets ``ECONNREFUSED`` from the kernel,
+        exactly as from a stopped broker; the proxy never sees those attempts, so they are not
+        recorded. ``how="reset"`` accepts each attempt and resets it at once: the client fails
+        on its first read or write instead of in ``connect()``, and every attempt is recorded
+        (``refused``), which is what counting retries needs.
+        """
+        if how not in ("refuse", "reset"):
+            raise UsageError(f"cut(how={how!r}): choose 'refuse' or 'reset'")
+        with self._lock:
+            self._require_started("cut")
+            self._mode = how
+            if how == "refuse":
+                self._stop_listening()
+            elif self._listener is None:
+                self._listen()
+            self._event(f"cut ({how})")
+            links, self._links = self._links, []
+        for link in links:
+            link.close()
+
+    def restore(self) -> None:
+        """End a cut or a blackhole: new connections are forwarded again."""
+        with self._lock:
+            if self._closed:
+                return  # an outage's timer may fire while the test tears the proxy down
+            self._require_started("restore")
+            held = [link for link in self._links if link.upstream is None]
+            self._links = [link for link in self._links if link.upstream is not None]
+            self._mode = "open"
+            if self._listener is None:
+                self._listen()
+            self._event("restore")
+        # A blackholed client has been waiting on a connection that never had a broker.
+        for link in held:
+            link.close()
+
+    def outage(self, seconds: float, how: CutMode = "refuse") -> None:
+        """:meth:`cut` now and :meth:`restore` after ``seconds`` of real time, in the background."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise UsageError(f"outage(seconds={seconds!r}): a positive number of real seconds")
+        self.cut(how)
+        timer = threading.Timer(seconds, self.restore)
+        timer.daemon = True
+        with self._lock:
+            self._timers.append(timer)
+        timer.start()
+
+    def reset_peers(self) -> None:
+        """Reset every open connection (RST): the client sees ``ECONNRESET``; new ones work."""
+        with self._lock:
+            self._require_started("reset_peers")
+            links, self._links = self._links, []
+            self._event(f"reset {len(links)} connection(s)")
+        for link in links:
+            link.close(reset=True)
+
+    def latency(self, ms: float) -> None:
+        """Hold every chunk of forwarded data ``ms`` milliseconds (0 ends the delay)."""
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or ms < 0:
+            raise UsageError(f"latency(ms={ms!r}): a number of milliseconds >= 0")
+        with self._lock:
+            self._latency = ms / 1000
+            self._event(f"latency {ms:g} ms")
+
+    def blackhole(self) -> None:
+        """Accept connections but never answer, and stall open ones: the timeout case."""
+        with self._lock:
+            self._require_started("blackhole")
+            self._mode = "blackhole"
+            if self._listener is None:
+                self._listen()
+            self._event("blackhole")
+
+    # -- records ---------------------------------------------------------------------------
+    @property
+    def connection_attempts(self) -> list[ConnectionAttempt]:
+        with self._lock:
+            return list(self._attempts)
+
+    @property
+    def publishes(self) -> list[PublishRecord]:
+        """The connection attempts as kombu's publish tries, for ``assert_publish_retries``.
+
+        The proxy sees connections, not messages: each attempt is one try, and an accepted
+        one ends the publish (``delivered`` then means the try reached the broker). Use
+        ``cut(how="reset")``, or the refused tries are invisible.
+        """
+        records: list[PublishRecord] = []
+        current: PublishRecord | None = None
+        for attempt in self.connection_attempts:
+            if current is None:
+                current = PublishRecord(task_id=None, task_name=None)
+                records.append(current)
+            ok = attempt.outcome == "accepted"
+            current.operations.append(BrokerOperation(kind="connect", t=attempt.t, ok=ok))
+            if ok:
+                current.delivered = True
+                current = None
+        return records
+
+    @property
+    def last_publish(self) -> PublishRecord | None:
+        publishes = self.publishes
+        return publishes[-1] if publishes else None
+
+    def timeline(self) -> str:
+        with self._lock:
+            rows: list[tuple[float, str, str, str, str]] = [
+                (a.t, f"connection {a.number}", a.outcome, a.peer, a.note) for a in self._attempts
+            ]
+            rows += [(e.t, "proxy", e.what, "", "") for e in self.events]
+        rows.sort(key=lambda row: row[0])
+        table = format_table(
+            ["t", "what", "outcome", "client", "note"],
+            [[f"{t:.3f}s", *rest] for t, *rest in rows],
+        )
+        head = (
+            f"proxy timeline: 127.0.0.1:{self._port} -> {self.upstream_host}:{self.upstream_port}"
+            f" ({self.kind}, real seconds since start)"
+        )
+        return f"{head}\n{table}"
+
+    def __repr__(self) -> str:
+        return (
+            f"<BrokerProxy 127.0.0.1:{self._port} -> {self.upstream_host}:{self.upstream_port} "
+            f"mode={self._mode}>"
+        )
+
+    # -- internals -------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _event(self, what: str) -> None:
+        self.events.append(ProxyEvent(self._elapsed(), what))
+
+    def _require_started(self, method: str) -> None:
+        if not self._started:
+            raise UsageError(f"BrokerProxy.{method}(): call start() first")
+
+    def _probe_upstream(self) -> None:
+        where = f"{self.upstream_host}:{self.upstream_port}"
+        try:
+            socket.create_connection(
+                (self.upstream_host, self.upstream_port), timeout=self.probe_timeout
+            ).close()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot reach the {self.kind} broker at {where} ({self.upstream_url}): {exc}. "
+                f"Start the broker, or set {URL_VARIABLES[self.kind]} to the URL of one that "
+                "runs (unset it to skip the real-broker tests)"
+            ) from exc
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A restore re-binds the port a cut released: clients keep the URL they were given.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self._port or 0))
+        listener.listen(64)
+        self._port = listener.getsockname()[1]
+        self._listener = listener
+        self._spawn(self._accept_loop, listener, name="accept")
+
+    def _stop_listening(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+
+    def _spawn(self, target: Callable[..., None], *args: object, name: str) -> None:
+        thread = threading.Thread(
+            target=target,
+            args=args,
+            name=f"broker-proxy-{self._port}-{name}",
+            daemon=True,
+        )
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, address = listener.accept()
+            except OSError:
+                return  # the listener was closed by a cut or close()
+            self._admit(client, f"{address[0]}:{address[1]}")
+
+    def _admit(self, client: socket.socket, peer: str) -> None:
+        with self._lock:
+            mode = self._mode
+            if self._closed:
+                client.close()
+                return
+            if mode == "blackhole":
+                self._links.append(_Link(client, None))
+                self._record("blackholed", peer)
+                return
+            if mode != "open":
+                self._record("refused", peer, "reset at once")
+                _Link(client, None).close(reset=True)
+                return
+        try:
+            upstream = socket.create_connection(
+                (self.upstream_host, self.upstream_port), timeout=self.probe_timeout
+            )
+        except OSError as exc:
+            with self._lock:
+                self._record("refused", peer, f"broker unreachable: {exc}")
+            _Link(client, None).close(reset=True)
+            return
+        upstream.settimeout(None)
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = _Link(client, upstream)
+        with self._lock:
+            if self._closed or self._mode != "open":
+                link.close()
+                return
+            self._links.append(link)
+            self._record("accepted", peer)
+            self._spawn(self._pump, link, client, upstream, name="up")
+            self._spawn(self._pump, link, upstream, client, name="down")
+
+    def _record(self, outcome: AttemptOutcome, peer: str, note: str = "") -> None:
+        self._attempts.append(
+            ConnectionAttempt(next(self._numbers), self._elapsed(), outcome, peer, note)
+        )
+
+    def _pump(self, link: _Link, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while not link.closed:
+                if self._mode == "blackhole":
+                    # Not reading lets the sender's buffers fill, as behind a dead route.
+                    time.sleep(_POLL)
+                    continue
+                readable, _, _ = select.select([source], [], [], _POLL)
+                if not readable:
+                    continue
+                data = source.recv(_CHUNK)
+                if not data:
+                    break
+                if self._latency:
+                    time.sleep(self._latency)
+                target.sendall(data)
+        except (OSError, ValueError):
+            pass  # the link was closed under us (a cut, a reset, close()) or by the peer
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+        link.close()
