@@ -2,10 +2,11 @@
 
 Every case defines its task once and registers it on two fresh apps. One app is run by a real
 worker (``celery.contrib.testing.worker.start_worker``: solo pool, kombu's memory transport,
-wall-clock time, countdowns of a fraction of a second), observed only through Celery's
-signals. The other is run by ``retry_worker`` on virtual time and read from the plugin's own
-records. Both runs are reduced to the same :class:`Record` and compared whole, so a failure
-prints both records side by side.
+wall-clock time, countdowns of a fraction of a second), observed through Celery's signals
+and, once it has stopped, the result backend and the queues. The other is run by
+``retry_worker`` on virtual time and read from the plugin's own records. Both runs are
+reduced to the same :class:`Record` and compared whole, so a failure prints both records
+side by side.
 
 docs/fidelity.md explains what is compared and what cannot be.
 """
