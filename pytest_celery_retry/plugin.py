@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -15,6 +15,7 @@ from .session import MEMORY_RESULT_BACKEND, RetrySession, Settings
 if TYPE_CHECKING:
     from .broker import InMemoryBroker
     from .clock import VirtualClock
+    from .proxy import BrokerProxy
     from .worker import RetryWorker
 
 DEFAULT_SEED = 1234
@@ -37,6 +38,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="attempts after which a retrying task is stopped as endless "
         f"(default {DEFAULT_MAX_ATTEMPTS})",
     )
+    for kind, variable in (("redis", "CELERY_RETRY_REDIS_URL"), ("amqp", "CELERY_RETRY_AMQP_URL")):
+        group.addoption(
+            f"--celery-retry-{kind}-url",
+            default=None,
+            help=f"real {kind} broker for broker_proxy tests (default: ${variable})",
+        )
     parser.addini("celery_retry_app", "the Celery app to test, as module:attribute", default="")
     parser.addini("celery_retry_seed", "seed for jitter and random faults", default="")
     parser.addini("celery_retry_max_attempts", "endless-retry guard", default="")
@@ -230,3 +237,48 @@ def _apply_outage(broker: InMemoryBroker, options: dict[str, Any]) -> None:
         broker.outage(options["seconds"])
     elif options.get("down"):
         broker.down()
+
+
+@pytest.fixture
+def broker_proxy(
+    request: pytest.FixtureRequest, pytestconfig: pytest.Config, celery_retry_app: Any
+) -> Iterator[Callable[[str], BrokerProxy]]:
+    """Factory: ``broker_proxy("redis")`` or ``("amqp")`` puts a fault proxy in front of that real
+    broker and points the app's broker URL at it. Skips when the broker's URL is not given."""
+    from .app_state import AppPatch
+    from .proxy import URL_VARIABLES, BrokerProxy
+
+    request.applymarker(pytest.mark.real_broker)
+    proxies: list[BrokerProxy] = []
+    patches: list[AppPatch] = []
+
+    def make(kind: str) -> BrokerProxy:
+        if kind not in URL_VARIABLES:
+            raise UsageError(f"broker_proxy({kind!r}): choose 'redis' or 'amqp'")
+        variable = URL_VARIABLES[kind]
+        url = pytestconfig.getoption(f"celery_retry_{kind}_url") or os.environ.get(variable)
+        if not url:
+            pytest.skip(
+                f"no real {kind} broker: set {variable} (or --celery-retry-{kind}-url), "
+                f"e.g. {variable}={_EXAMPLE_URLS[kind]}"
+            )
+        proxy = BrokerProxy(url)
+        proxies.append(proxy)
+        proxy.start()
+        if not patches:
+            patches.append(AppPatch(celery_retry_app))
+        patches[0].install_broker(proxy.url)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        try:
+            for patch in patches:
+                patch.restore()
+        finally:
+            for proxy in proxies:
+                proxy.close()
+
+
+_EXAMPLE_URLS = {"redis": "redis://127.0.0.1:6379/0", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}

@@ -278,3 +278,57 @@ def test_close_is_idempotent_and_stops_every_thread(echo: EchoServer) -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("broker-proxy")]
     with pytest.raises(UsageError, match="closed"):
         proxy.start()
+
+
+# -- the broker_proxy fixture ----------------------------------------------------------------
+FIXTURE_TESTS = """
+import threading
+
+import pytest
+from celery import Celery
+
+app = Celery("proj", broker="memory://", set_as_current=False)
+
+
+@pytest.fixture
+def celery_retry_app():
+    return app
+
+
+def test_fails_while_installed(broker_proxy):
+    proxy = broker_proxy("redis")
+    assert app.conf.broker_url == proxy.url
+    assert proxy.url.startswith("redis://127.0.0.1:")
+    raise RuntimeError("fail while the proxy is installed")
+
+
+def test_after_the_failure():
+    assert app.conf.broker_url == "memory://"
+    assert not [t for t in threading.enumerate() if t.name.startswith("broker-proxy")]
+"""
+
+
+def test_fixture_restores_the_app_and_closes_the_proxy_when_the_test_fails(
+    pytester: pytest.Pytester, echo: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CELERY_RETRY_REQUIRE_REAL_BROKERS", raising=False)
+    pytester.makepyfile(FIXTURE_TESTS)
+    result = pytester.runpytest(
+        "-p", "no:randomly", f"--celery-retry-redis-url=redis://127.0.0.1:{echo.port}/0"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*fail while the proxy is installed*"])
+
+
+def test_fixture_skips_without_a_url_and_names_the_variable(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in ("CELERY_RETRY_REDIS_URL", "CELERY_RETRY_REQUIRE_REAL_BROKERS"):
+        monkeypatch.delenv(variable, raising=False)
+    pytester.makepyfile(FIXTURE_TESTS)
+    result = pytester.runpytest("-p", "no:randomly", "-rs", "-k", "installed")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no real redis broker: set CELERY_RETRY_REDIS_URL*"])
+    monkeypatch.setenv("CELERY_RETRY_REQUIRE_REAL_BROKERS", "1")
+    required = pytester.runpytest("-p", "no:randomly", "-k", "installed")
+    required.assert_outcomes(failed=1)  # the fixture marks its tests real_broker

@@ -1,0 +1,318 @@
+"""Outages against the real Redis and RabbitMQ, through the fault proxy.
+
+Skipped without CELERY_RETRY_REDIS_URL / CELERY_RETRY_AMQP_URL (a failure in CI, where
+CELERY_RETRY_REQUIRE_REAL_BROKERS is set). Every wait here is real time, kept short.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from pytest_celery_retry import assert_publish_retries
+from pytest_celery_retry.proxy import URL_VARIABLES, BrokerProxy, CutMode
+
+pytestmark = pytest.mark.real_broker
+
+KINDS = ["redis", "amqp"]
+FLAVOR = {"redis": "redis", "amqp": "pyamqp"}
+# Short real intervals: a one-second outage is outlived by about five tries.
+POLICY = {"max_retries": 20, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+ProxyFactory = Callable[[str], BrokerProxy]
+
+
+def configure(app: Any, kind: str, **transport_options: Any) -> None:
+    options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 1}
+    if kind == "amqp":
+        # Without publisher confirms py-amqp "publishes" into a connection the broker already
+        # closed and never notices (test_amqp_without_confirms_loses_a_publish...).
+        options = {"confirm_publish": True}
+    app.conf.update(
+        broker_connection_timeout=1,
+        broker_transport_options={**options, **transport_options},
+        broker_heartbeat=2,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+    )
+
+
+def real_url(kind: str) -> str:
+    return os.environ[URL_VARIABLES[kind]]
+
+
+def new_queue() -> str:
+    return f"celery-retry-proxy-{uuid.uuid4().hex[:12]}"
+
+
+def drain(kind: str, queue: str, delete: bool = True) -> int:
+    """Messages waiting in ``queue``, counted on the real broker (not through the proxy)."""
+    from kombu import Connection, Queue
+
+    with Connection(real_url(kind), connect_timeout=2) as conn:
+        bound = Queue(queue).bind(conn.default_channel)
+        count = 0
+        while bound.get(no_ack=True) is not None:
+            count += 1
+        if delete:
+            bound.delete()
+        return count
+
+
+def publish(app: Any, queue: str, **policy: Any) -> float:
+    started = time.monotonic()
+    app.send_task("foo.task", queue=queue, retry=True, retry_policy={**POLICY, **policy})
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["refuse", "reset"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_publish_retried_through_an_outage_arrives_once(
+    broker_proxy: ProxyFactory, app: Any, kind: str, how: CutMode
+) -> None:
+    proxy = broker_proxy(kind)
+    configure(app, kind)
+    queue = new_queue()
+    try:
+        publish(app, queue)  # a pooled connection now exists: the outage drops it
+        proxy.outage(1.0, how=how)
+        took = publish(app, queue)
+        assert 0.8 <= took < 5, proxy.timeline()
+        assert drain(kind, queue, delete=False) == 2, proxy.timeline()
+    finally:
+        drain(kind, queue)
+    assert_publish_retries(proxy, delivered=True)
+    if how == "reset":  # refused connections are seen only when the proxy accepts them
+        retried = [i for i, record in enumerate(proxy.publishes) if record.attempts > 1]
+        assert retried, proxy.timeline()
+        assert_publish_retries(proxy, publish=retried[-1], delivered=True)
+        record = proxy.publishes[retried[-1]]
+        assert record.attempts >= 5, proxy.timeline()
+        assert max(record.intervals) == pytest.approx(0.2, abs=0.1), proxy.timeline()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_publish_past_the_policy_raises_and_nothing_arrives(
+    broker_proxy: ProxyFactory, app: Any, kind: str
+) -> None:
+    from kombu.exceptions import OperationalError
+
+    proxy = broker_proxy(kind)
+    configure(app, kind)
+    queue = new_queue()
+    try:
+        publish(app, queue)
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            publish(app, queue, max_retries=2, interval_step=0.1, interval_max=0.1)
+        took = time.monotonic() - started
+        proxy.restore()
+        assert drain(kind, queue, delete=False) == 1  # only the publish before the cut
+    finally:
+        drain(kind, queue)
+    assert took < 3
+
+
+def test_amqp_without_confirms_loses_a_publish_on_a_dropped_connection(
+    broker_proxy: ProxyFactory, app: Any
+) -> None:
+    proxy = broker_proxy("amqp")
+    configure(app, "amqp", confirm_publish=False)
+    queue = new_queue()
+    try:
+        publish(app, queue)
+        proxy.outage(1.0)
+        publish(app, queue)  # no error: the frames went into a socket the proxy had closed
+        time.sleep(1.2)
+        assert drain(kind="amqp", queue=queue, delete=False) == 1, proxy.timeline()
+    finally:
+        drain("amqp", queue)
+
+
+def start_worker(app: Any, queue: str) -> Any:
+    from celery.contrib.testing.worker import start_worker as celery_start_worker
+
+    # Heartbeats wake the amqp worker's event loop, which otherwise takes ~10 s to stop.
+    return celery_start_worker(
+        app,
+        pool="solo",
+        perform_ping_check=False,
+        queues=[queue],
+        shutdown_timeout=10,
+        without_heartbeat=False,
+        loglevel="WARNING",
+    )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def record_task(app: Any) -> tuple[Any, list[tuple[str, float]]]:
+    runs: list[tuple[str, float]] = []
+    started = time.monotonic()
+
+    @app.task(name="record", shared=False)
+    def record(token: str, seconds: float = 0.0) -> None:
+        runs.append((token, time.monotonic() - started))
+        time.sleep(seconds)
+
+    return record, runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_worker_loses_the_broker_and_resumes(
+    broker_proxy: ProxyFactory, app: Any, kind: str
+) -> None:
+    proxy = broker_proxy(kind)
+    configure(app, kind)
+    queue = new_queue()
+    record, runs = record_task(app)
+    try:
+        with start_worker(app, queue):
+            record.apply_async(("before",), queue=queue, retry=True, retry_policy=POLICY)
+            assert wait_until(lambda: len(runs) == 1, 10), proxy.timeline()
+            # The solo worker's ack waits on its event loop (call_soon), which sleeps in poll()
+            # until the next heartbeat tick: cut before it leaves and the task runs again.
+            time.sleep(1.5)
+            proxy.outage(1.0)
+            record.apply_async(("during",), queue=queue, retry=True, retry_policy=POLICY)
+            restored_at = time.monotonic()
+            assert wait_until(lambda: len(runs) == 2, 10), proxy.timeline()
+            resumed_after = time.monotonic() - restored_at
+            time.sleep(0.5)  # room for a duplicate to show up
+    finally:
+        drain(kind, queue)
+    assert [token for token, _ in runs] == ["before", "during"], proxy.timeline()
+    assert resumed_after < 5
+    reconnects = [a for a in proxy.connection_attempts if a.t > runs[0][1] + 1]
+    assert reconnects, proxy.timeline()
+
+
+def test_amqp_task_running_when_the_connection_drops_runs_again(
+    broker_proxy: ProxyFactory, app: Any
+) -> None:
+    # The solo pool's "early" ack goes out via the event loop after the task body: a drop
+    # while the task runs loses the ack, and RabbitMQ redelivers. At least once, not once.
+    proxy = broker_proxy("amqp")
+    configure(app, "amqp")
+    queue = new_queue()
+    record, runs = record_task(app)
+    try:
+        with start_worker(app, queue):
+            record.apply_async(("slow", 0.5), queue=queue, retry=True, retry_policy=POLICY)
+            assert wait_until(lambda: len(runs) == 1, 10), proxy.timeline()
+            proxy.outage(0.5)
+            assert wait_until(lambda: len(runs) == 2, 10), proxy.timeline()
+    finally:
+        drain("amqp", queue)
+    assert [token for token, _ in runs] == ["slow", "slow"]
+
+
+# -- flavours: what the real transports raise vs what the in-memory broker raises -----------
+def memory_errors(flavor: str) -> tuple[BaseException, BaseException]:
+    """The in-memory broker's (refused, reset) errors for ``flavor``, through kombu."""
+    from kombu import Connection, Producer
+
+    from pytest_celery_retry import InMemoryBroker, VirtualClock
+
+    broker = InMemoryBroker(VirtualClock(), flavor=flavor)
+    try:
+        broker.down()
+        with Connection(broker.url) as conn:
+            with pytest.raises(Exception) as refused:
+                conn.connect()
+            broker.up()
+            channel = conn.channel()
+            broker.fail_next(1, on="publish")
+            with pytest.raises(Exception) as reset:
+                Producer(channel).publish({"x": 1}, routing_key="q")
+    finally:
+        broker.close()
+    return refused.value, reset.value
+
+
+# What each real transport raised, measured with the proxy (kombu 5.7, redis-py 8.1, py-amqp 5.4).
+# "dropped" is a connection the broker closed (FIN), which the in-memory broker does not model.
+REAL_ERRORS: dict[tuple[str, str], type[BaseException]] = {
+    ("redis", "refused"): RedisConnectionError,
+    ("redis", "reset"): RedisConnectionError,
+    ("redis", "dropped"): RedisConnectionError,
+    ("amqp", "refused"): ConnectionRefusedError,
+    ("amqp", "reset"): ConnectionResetError,
+    ("amqp", "dropped"): OSError,
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_transport_errors_match_the_flaky_broker_flavour(
+    broker_proxy: ProxyFactory, kind: str
+) -> None:
+    from kombu import Connection
+
+    proxy = broker_proxy(kind)
+    memory_refused, memory_reset = memory_errors(FLAVOR[kind])
+
+    def connection() -> Any:
+        options = {"socket_timeout": 2, "socket_connect_timeout": 1}
+        return Connection(proxy.url, connect_timeout=1, transport_options=options)
+
+    def operate(channel: Any) -> None:
+        if kind == "redis":
+            channel.client.ping()
+        else:
+            channel.queue_declare(new_queue(), auto_delete=True)
+
+    seen: dict[str, BaseException] = {}
+    with connection() as conn:
+        errors, recoverable = conn.connection_errors, conn.recoverable_connection_errors
+        channel = conn.channel()
+        operate(channel)
+        # redis-py reconnects by itself once after a reset (when it notices in time), so the
+        # reset is made to stick with a reset cut as well.
+        proxy.reset_peers()
+        proxy.cut(how="reset")
+        with pytest.raises(Exception) as reset:
+            operate(channel)
+        seen["reset"] = reset.value
+        proxy.restore()
+    with connection() as conn:
+        channel = conn.channel()
+        operate(channel)
+        proxy.cut()
+        with pytest.raises(Exception) as dropped:
+            operate(channel)
+        seen["dropped"] = dropped.value
+        with connection() as other, pytest.raises(Exception) as refused:
+            other.connect()
+        seen["refused"] = refused.value
+        proxy.restore()
+    assert type(seen["refused"]) is REAL_ERRORS[kind, "refused"]
+    assert type(seen["reset"]) is REAL_ERRORS[kind, "reset"]
+    # py-amqp raises OSError or ConnectionResetError for a dropped connection, by timing.
+    assert isinstance(seen["dropped"], REAL_ERRORS[kind, "dropped"])
+    assert type(seen["refused"]) is type(memory_refused)
+    assert type(seen["reset"]) is type(memory_reset)
+    for error in (*seen.values(), memory_refused, memory_reset):
+        assert isinstance(error, errors), (error, errors)
+        assert isinstance(error, recoverable), (error, recoverable)
+
+
+def test_threads_and_connections_are_gone_after_the_test(broker_proxy: ProxyFactory) -> None:
+    proxy = broker_proxy("redis")
+    proxy.close()
+    assert wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith("broker-proxy")], 2
+    )
