@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from kombu.exceptions import OperationalError
 
-from tests.conftest import SEED_POLICY
+from tests.conftest import SEED_FRESH_INTERVALS, SEED_FRESH_TRIES, SEED_POLICY
 
 
 def send(app: Any, **options: Any) -> Any:
@@ -86,7 +86,7 @@ def test_redis_urls_get_the_redis_flavour(app, request, url):
     send(app)
     assert_errors = [op.error for op in broker.connection_attempts if not op.ok]
     assert all(isinstance(e, RedisConnectionError) for e in assert_errors)
-    assert broker.last_publish.attempt_times == [0, 3, 7]
+    assert broker.last_publish.attempt_times == SEED_FRESH_TRIES
 
 
 @pytest.mark.parametrize("celery_retry_flavor", ["redis"])
@@ -117,7 +117,8 @@ def test_records_and_timeline(app, flaky_broker):
     send(app)
     assert [op.ok for op in flaky_broker.connection_attempts] == [False, True]
     assert [op.ok for op in flaky_broker.publish_attempts] == [True]
-    assert flaky_broker.publish_retry_intervals == [3]
+    second = SEED_FRESH_INTERVALS[0]
+    assert flaky_broker.publish_retry_intervals == [second]
     timeline = flaky_broker.timeline()
     assert "0.000s  connect    producer  FAILED" in timeline
-    assert "publish 1: foo.task -> delivered after 2 attempt(s) at t=0s, 3s" in timeline
+    assert f"publish 1: foo.task -> delivered after 2 attempt(s) at t=0s, {second}s" in timeline

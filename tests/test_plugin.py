@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import SEED_FRESH_INTERVALS, SEED_FRESH_TRIES
+
 pytest_plugins = ["pytester"]
 
 APP = """
@@ -195,7 +197,7 @@ def test_broker_outage_marker(project: pytest.Pytester) -> None:
         @pytest.mark.broker_outage(fail_next=2)
         def test_two_refusals(flaky_broker):
             app.send_task("foo.task", retry=True, retry_policy=POLICY)
-            assert_publish_retries(flaky_broker, attempts=3, intervals=[3, 4], delivered=True)
+            assert_publish_retries(flaky_broker, attempts=3, intervals=INTERVALS, delivered=True)
 
         @pytest.mark.broker_outage(seconds=10)
         def test_outage_without_naming_the_fixture():
@@ -205,7 +207,7 @@ def test_broker_outage_marker(project: pytest.Pytester) -> None:
         @pytest.mark.broker_outage(fail_next=2, seconds=3)
         def test_bad_marker():
             pass
-        """
+        """.replace("INTERVALS", str(SEED_FRESH_INTERVALS))
     )
     result = project.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=2, errors=1)
@@ -301,14 +303,15 @@ def test_publish_assertion_failure_shows_broker_timeline(project: pytest.Pyteste
     )
     result = project.runpytest("-p", "no:randomly")
     result.assert_outcomes(failed=1)
+    _, second, third = SEED_FRESH_TRIES
     match_lines(
         result,
         *[
             "*publish of foo.task: expected 4 attempt(s), recorded 3; "
-            "expected intervals [3, 4, 5], recorded [3, 4]*",
+            f"expected intervals [3, 4, 5], recorded {SEED_FRESH_INTERVALS}*",
             "*broker timeline (pyamqp flavour*",
-            "*3.000s*connect*producer*FAILED*foo.task*ConnectionRefusedError*",
-            "*publish 1: foo.task -> delivered after 3 attempt(s) at t=0s, 3s, 7s*",
+            f"*{second}.000s*connect*producer*FAILED*foo.task*ConnectionRefusedError*",
+            f"*publish 1: foo.task -> delivered after 3 attempt(s) at t=0s, {second}s, {third}s*",
         ],
     )
 
