@@ -25,9 +25,6 @@ NEEDS_PYTHON_310 = {("celery", "5.7"), ("pytest", "9")}
 # The oldest combination also pins the other dependencies to pyproject's floors, so that
 # those floors are tested rather than only declared.
 FLOORS = ("freezegun==1.2.*", "pytest-mock==3.10.*")
-# What the suite imports besides the project's own dependencies; the dev extra would also
-# bring linters and docs tooling, which a matrix session does not use.
-TEST_DEPS = ("hypothesis", "pytest-randomly", "pytest-xdist", "redis>=4.5")
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
@@ -71,6 +68,6 @@ def tests(session: nox.Session, celery: str, pytest: str) -> None:
     if (celery, pytest) == (CELERY[0], PYTEST[0]):
         pins += FLOORS
     # One resolver run, so the pins and the project's own dependencies are satisfied together.
-    session.install(".", *pins, *TEST_DEPS)
+    session.install(".[test]", *pins)
     session.run("python", "-m", "pip", "list", "--format=freeze")
     session.run("python", "-m", "pytest", *session.posargs)

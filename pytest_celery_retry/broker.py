@@ -338,7 +338,7 @@ class InMemoryBroker:
         """
         return [
             _decode(q, t, payload, self.clock)
-            for q, t, payload in itertools.islice(self._deliveries, since, None)
+            for q, t, payload in self._deliveries[since:]
             if queue is None or q == queue
         ]
 
