@@ -58,6 +58,11 @@ def echo() -> Iterator[EchoServer]:
 @pytest.fixture
 def proxy(echo: EchoServer) -> Iterator[BrokerProxy]:
     with BrokerProxy(f"redis://127.0.0.1:{echo.port}/0") as started:
+        # start() probes the upstream once; the echo thread counts that connection on its own
+        # time, so wait for it before a test compares counts.
+        deadline = time.monotonic() + 2
+        while echo.connections < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
         yield started
 
 
