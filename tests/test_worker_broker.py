@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from celery.exceptions import MaxRetriesExceededError, Reject, WorkerLostError, WorkerShutdown
+from kombu.exceptions import OperationalError
 
 from pytest_celery_retry import UsageError
 from tests.conftest import make_app
@@ -199,6 +200,25 @@ class TestConsumerConnection:
             retry_worker.run_until_idle()
 
         assert actions(retry_worker)[-2:] == ["connection lost", "worker shutdown"]
+
+    @pytest.mark.parametrize(
+        "celery_retry_app", [{"broker_connection_max_retries": 2}], indirect=True
+    )
+    def test_broker_connection_max_retries_ends_the_reconnects(
+        self, celery_retry_app, flaky_broker, retry_worker
+    ):
+        celery_retry_app.tasks["poll"].delay()
+        flaky_broker.outage(seconds=100, starting_in=5)
+
+        # kombu gives up after the allowed reconnects and the worker stops with its error,
+        # as a real worker's consumer does.
+        with pytest.raises(OperationalError):
+            retry_worker.run_until_idle()
+
+        consumer_connects = [
+            (op.t, op.ok) for op in flaky_broker.connection_attempts if op.role == "consumer"
+        ]
+        assert consumer_connects == [(0, True), (10, False), (12, False), (16, False)]
 
 
 def test_outage_arguments_are_checked(flaky_broker):
