@@ -12,6 +12,10 @@ from pytest_celery_retry import UsageError
 from tests.conftest import make_app
 
 
+def consumer_connects(broker: Any) -> list[tuple[float, bool]]:
+    return [(op.t, op.ok) for op in broker.connection_attempts if op.role == "consumer"]
+
+
 def actions(worker: Any, task_id: str | None = None) -> list[str]:
     return [e.action for e in worker.events if task_id is None or e.task_id in ("", task_id)]
 
@@ -170,12 +174,9 @@ class TestConsumerConnection:
 
         assert run.state == "SUCCESS"
         assert [a.t for a in run.attempts] == [0, 30]
-        consumer_connects = [
-            (op.t, op.ok) for op in flaky_broker.connection_attempts if op.role == "consumer"
-        ]
         # Celery's consumer reconnects through kombu's ensure_connection defaults: 2 s, then
         # 4, 6, 8 s more; the broker is back at t=25, the connect at t=30 succeeds.
-        assert consumer_connects == [
+        assert consumer_connects(flaky_broker) == [
             (0, True),
             (10, False),
             (12, False),
@@ -215,10 +216,7 @@ class TestConsumerConnection:
         with pytest.raises(OperationalError):
             retry_worker.run_until_idle()
 
-        consumer_connects = [
-            (op.t, op.ok) for op in flaky_broker.connection_attempts if op.role == "consumer"
-        ]
-        assert consumer_connects == [(0, True), (10, False), (12, False), (16, False)]
+        assert consumer_connects(flaky_broker) == [(0, True), (10, False), (12, False), (16, False)]
 
 
 def test_outage_arguments_are_checked(flaky_broker):
