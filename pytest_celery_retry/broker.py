@@ -22,7 +22,7 @@ from kombu import serialization
 from kombu.transport import TRANSPORT_ALIASES, memory, virtual
 
 from .clock import VirtualClock
-from .errors import UsageError
+from .errors import UsageError, is_number, is_whole_number
 from .records import (
     BrokerOperation,
     DeliveredMessage,
@@ -254,12 +254,12 @@ class InMemoryBroker:
         after: int = 0,
     ) -> None:
         """Make the next ``n`` operations of kind ``on`` fail (after letting ``after`` pass)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if not is_whole_number(n) or n < 0:
             raise UsageError(
                 f"fail_next(n={n!r}): n is how many operations fail, a whole number >= 0 "
                 "(use down() for a broker that stays down)"
             )
-        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        if not is_whole_number(after) or after < 0:
             raise UsageError(f"fail_next(after={after!r}): after must be a whole number >= 0")
         self._faults.append(_Fault(_kinds(on), n, after, _error_factory(exc)))
 
@@ -288,11 +288,11 @@ class InMemoryBroker:
 
     def outage(self, seconds: float, starting_in: float = 0) -> None:
         """Be down for ``seconds`` of virtual time, from now or ``starting_in`` seconds from now."""
-        if not _is_seconds(seconds) or seconds <= 0:
+        if not is_number(seconds) or seconds <= 0:
             raise UsageError(
                 f"outage(seconds={seconds!r}): an outage lasts a positive number of virtual seconds"
             )
-        if not _is_seconds(starting_in) or starting_in < 0:
+        if not is_number(starting_in) or starting_in < 0:
             raise UsageError(
                 f"outage(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
             )
@@ -471,10 +471,6 @@ def _kinds(on: str | Iterable[str]) -> frozenset[str]:
             "(or a list of them)"
         )
     return kinds
-
-
-def _is_seconds(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _error_factory(exc: BaseException | type[BaseException] | None) -> ExceptionFactory | None:

@@ -17,3 +17,12 @@ class EndlessRetryError(CeleryRetryError):
 
 class ConfigurationError(CeleryRetryError):
     """The Celery app or the pytest configuration does not let the plugin do its job."""
+
+
+# The checks behind the plugin's UsageErrors: ``True`` is an int to Python, not a count.
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_whole_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

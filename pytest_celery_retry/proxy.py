@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from .errors import ConfigurationError, UsageError
+from .errors import ConfigurationError, UsageError, is_number
 from .records import BrokerOperation, PublishRecord, format_table
 
 AttemptOutcome = Literal["accepted", "refused", "blackholed"]
@@ -216,7 +216,7 @@ class BrokerProxy:
 
     def outage(self, seconds: float, how: CutMode = "refuse") -> None:
         """:meth:`cut` now and :meth:`restore` after ``seconds`` of real time, in the background."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        if not is_number(seconds) or seconds <= 0:
             raise UsageError(f"outage(seconds={seconds!r}): a positive number of real seconds")
         self.cut(how)
         timer = threading.Timer(seconds, self.restore)
@@ -236,7 +236,7 @@ class BrokerProxy:
 
     def latency(self, ms: float) -> None:
         """Hold every chunk of forwarded data ``ms`` milliseconds (0 ends the delay)."""
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or ms < 0:
+        if not is_number(ms) or ms < 0:
             raise UsageError(f"latency(ms={ms!r}): a number of milliseconds >= 0")
         with self._lock:
             self._latency = ms / 1000

@@ -34,7 +34,7 @@ from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker
-from .errors import EndlessRetryError, UsageError
+from .errors import EndlessRetryError, UsageError, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun
 from .session import AppInstallation, RetrySession
 
@@ -293,7 +293,7 @@ class RetryWorker:
         name = task if isinstance(task, str) else getattr(task, "name", None)
         if not isinstance(name, str):
             raise UsageError(f"crash_during({task!r}): pass a task, a signature or a task name")
-        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+        if not is_whole_number(times) or times < 1:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
         self._crashes[name] = self._crashes.get(name, 0) + times
 
@@ -317,7 +317,7 @@ class RetryWorker:
         self, installed: AppInstallation, until: str | None, max_attempts: int | None
     ) -> None:
         limit = self.settings.max_attempts if max_attempts is None else max_attempts
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        if not is_whole_number(limit) or limit < 1:
             raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
         consumer = self._consumer(installed)
         while True:
@@ -553,9 +553,7 @@ class RetryWorker:
     def _check_schedule(self, options: dict[str, Any]) -> None:
         """A first message scheduled in the past would run at once in Celery: say so instead."""
         countdown = options.get("countdown")
-        if countdown is not None and (
-            isinstance(countdown, bool) or not isinstance(countdown, (int, float))
-        ):
+        if countdown is not None and not is_number(countdown):
             raise UsageError(f"countdown={countdown!r}: give a number of seconds, e.g. 10")
         if countdown is not None and countdown < 0:
             raise UsageError(
