@@ -1,16 +1,24 @@
 """The flaky in-memory broker: a real kombu transport that fails on command.
 
-The transport is kombu's own memory transport with three hooks, one for each thing a real
-broker connection does: establish the connection, put a message, get a message. A fault
+The transport is kombu's own memory transport with hooks for what a real broker connection
+does: establish the connection, put a message, get a message, acknowledge one. A fault
 raises there what the real transport of that flavour raises, and the transport declares its
 errors as the real one does, so kombu's ``Connection.ensure`` / ``retry_over_time`` and
 Celery's publish retry run unchanged and decide, as in production, what to retry.
+
+Where the two brokers differ is what becomes of the messages a lost connection had not
+acknowledged: RabbitMQ requeues them at once; kombu's redis transport puts them back with a
+Redis command when the channel closes, and if Redis is down then, they wait in its
+``unacked`` hash for ``visibility_timeout`` and a consumer's periodic sweep
+(:class:`VisibilityTimeout`).
 """
 
 from __future__ import annotations
 
 import base64
+import inspect
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,7 +41,7 @@ from .records import (
     format_table,
 )
 
-OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume")
+OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
 FLAVORS = ("pyamqp", "redis")
 _FLAVOR_OF_SCHEME = {
     "amqp": "pyamqp",
@@ -87,9 +95,32 @@ def _default_error(flavor: str, kind: OperationKind) -> BaseException:
     return ConnectionResetError(104, "Connection reset by peer")
 
 
+class _QoS(virtual.QoS):
+    """kombu's QoS, noting when each unacknowledged message was delivered (redis needs it)."""
+
+    channel: _Channel
+
+    def __init__(self, channel: _Channel, prefetch_count: int = 0) -> None:
+        super().__init__(channel, prefetch_count)
+        self.delivered_at: dict[Any, float] = {}
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        super().append(message, delivery_tag)
+        self.delivered_at[delivery_tag] = self.channel.connection.broker.clock.elapsed
+
+    def ack(self, delivery_tag: Any) -> None:
+        super().ack(delivery_tag)
+        self.delivered_at.pop(delivery_tag, None)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().reject(delivery_tag, requeue=requeue)
+        self.delivered_at.pop(delivery_tag, None)
+
+
 class _Channel(memory.Channel):
     """kombu's memory channel, with the broker's queues instead of process-wide ones."""
 
+    QoS = _QoS
     connection: _Transport
     _restoring = False
     # A broker takes back what a closed connection had not acknowledged (AMQP requeues at
@@ -101,11 +132,26 @@ class _Channel(memory.Channel):
         self.queues = connection.broker.queues
         super().__init__(connection, **kwargs)
 
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        self.connection.broker._check_settle(self.connection.role)
+        super().basic_ack(delivery_tag, multiple)
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        self.connection.broker._check_settle(self.connection.role)
+        super().basic_reject(delivery_tag, requeue=requeue)
+
     def _restore(self, message: Any) -> None:
         # Returning an unacknowledged message to its queue is the broker's own doing (the
         # consumer rejected it or its connection closed): not a publish that can fail, and
         # not a new delivery.
-        self.connection.broker._record_redelivery(message)
+        broker = self.connection.broker
+        if broker.flavor == "redis" and broker.is_down:
+            # kombu's redis QoS restores with Redis commands, which fail while Redis is down:
+            # the message stays in the ``unacked`` hash until a visibility sweep finds it.
+            delivered_at = self.qos.delivered_at.pop(message.delivery_tag, broker.clock.elapsed)
+            broker.unacked.append((delivered_at, message))
+            return
+        broker._record_redelivery(message)
         self._restoring = True
         try:
             super()._restore(message)
@@ -191,6 +237,54 @@ def transport_for(flavor: str) -> type[_Transport]:
     return _transports[flavor]
 
 
+@dataclass(frozen=True)
+class VisibilityTimeout:
+    """When kombu's redis transport gives back messages a lost consumer never acknowledged.
+
+    A worker's redis transport sweeps the ``unacked`` index when its consumer registers with
+    the event loop and then on every ``unacked_restore_throttle``-th call of a timer that
+    fires every ``unacked_restore_interval`` seconds (kombu < 5.7: every 10th call, every
+    10 s). A sweep restores the messages delivered at least ``visibility_timeout`` seconds
+    before it. The figures come from the installed kombu and the app's transport options.
+    """
+
+    visibility_timeout: float
+    sweep_every: float
+
+    @classmethod
+    def for_app(cls, app: Any) -> VisibilityTimeout:
+        from kombu.transport import redis
+
+        options = app.conf.broker_transport_options or {}
+        channel = redis.Channel
+        timeout = options.get("visibility_timeout", channel.visibility_timeout)
+        # kombu < 5.7 hard-codes the timer (10 s) and takes restore_visible's default throttle.
+        interval = _SWEEP_TIMER_BEFORE_KOMBU_5_7
+        throttle = inspect.signature(redis.QoS.restore_visible).parameters["interval"].default
+        if hasattr(channel, "unacked_restore_interval"):
+            interval = options.get("unacked_restore_interval", channel.unacked_restore_interval)
+            if interval <= 0:
+                interval = channel.unacked_restore_interval
+            throttle = options.get("unacked_restore_throttle", channel.unacked_restore_throttle)
+        return cls(float(timeout), float(interval * (throttle or 1)))
+
+    def last_sweep(self, registered_at: float, now: float) -> float:
+        """The latest sweep at or before ``now`` of a consumer registered at ``registered_at``."""
+        sweeps = math.floor((now - registered_at) / self.sweep_every + _EPSILON)
+        return registered_at + max(sweeps, 0) * self.sweep_every
+
+    def next_restore(self, delivered_at: float, registered_at: float, now: float) -> float:
+        """The first sweep from ``now`` on that finds a message delivered at ``delivered_at``."""
+        due = max(delivered_at + self.visibility_timeout, now, registered_at)
+        sweeps = math.ceil((due - registered_at) / self.sweep_every - _EPSILON)
+        return registered_at + sweeps * self.sweep_every
+
+
+_SWEEP_TIMER_BEFORE_KOMBU_5_7 = 10
+# Sweep times are sums of float seconds: a sweep "at" a time must not miss it by rounding.
+_EPSILON = 1e-9
+
+
 @dataclass
 class _Fault:
     on: frozenset[str]
@@ -234,6 +328,9 @@ class InMemoryBroker:
         self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
         # (t, task id, task name) of each unacknowledged message the broker took back.
         self.redeliveries: list[tuple[float, str, str]] = []
+        # redis flavour: (delivered at, message) of each message a lost connection had not
+        # acknowledged while Redis was down, waiting for a visibility sweep.
+        self.unacked: list[tuple[float, Any]] = []
         self._faults: list[_Fault] = []
         self._down = False
         self._down_from = 0.0
@@ -382,10 +479,36 @@ class InMemoryBroker:
 
     def _check_consume(self, role: str, queue: str) -> None:
         # Polling an empty queue is not worth a record; a failure is.
-        error = self._fault_for("consume")
+        self._fail_if_faulty("consume", role, queue)
+
+    def _check_settle(self, role: str) -> None:
+        # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
+        self._fail_if_faulty("ack", role, None)
+
+    def _fail_if_faulty(self, kind: OperationKind, role: str, queue: str | None) -> None:
+        error = self._fault_for(kind)
         if error is not None:
-            self._record("consume", role, error, queue)
+            self._record(kind, role, error, queue)
             raise error
+
+    def restore_visible(self, channel: Any, delivered_by: float) -> int:
+        """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.
+
+        Returns how many it restored.
+        """
+        visible = [entry for entry in self.unacked if entry[0] <= delivered_by]
+        self.unacked = [entry for entry in self.unacked if entry[0] > delivered_by]
+        # kombu walks the unacked index newest first (ZRANGE ... REV).
+        for _, message in sorted(visible, key=lambda entry: entry[0], reverse=True):
+            channel._restore(message)
+        return len(visible)
+
+    @property
+    def next_outage_start(self) -> float | None:
+        """When a scheduled :meth:`outage` begins, if it lies ahead (virtual seconds)."""
+        if self._down_until is None or self._down_from <= self.clock.elapsed:
+            return None
+        return self._down_from
 
     def _fault_for(self, kind: OperationKind) -> BaseException | None:
         if self._suspended:

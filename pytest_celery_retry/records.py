@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored", "worker-lost"]
 RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
-OperationKind = Literal["connect", "publish", "consume"]
+OperationKind = Literal["connect", "publish", "consume", "ack"]
 
 _EXC_WIDTH = 70
 
@@ -64,6 +64,8 @@ class Attempt:
     eta: datetime | None = None
     retry_published: bool = False
     requeued: bool = False
+    # Its message's ack (or reject) failed: the broker will deliver the message again.
+    ack_failed: bool = False
     note: str = ""
 
     @property

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,7 +33,7 @@ from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
-from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker
+from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
 from .errors import EndlessRetryError, UsageError, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun
 from .session import AppInstallation, RetrySession
@@ -112,6 +112,13 @@ class _Consumer:
         self._celery_state = SimpleNamespace(
             app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
         )
+        # Only a redis consumer sweeps for messages a lost connection left unacknowledged.
+        self.visibility = (
+            VisibilityTimeout.for_app(self.app) if self.broker.flavor == "redis" else None
+        )
+        self.registered_at = 0.0
+        # Why the connection is known to be dead before the next poll (a failed ack).
+        self.broken_by: str | None = None
         self.connection = self._connect()
 
     def _connect(self) -> Any:
@@ -119,7 +126,10 @@ class _Consumer:
         connection = self.app.connection_for_read(
             transport_options={CONSUMER_ROLE_OPTION: "consumer"}
         )
-        return CeleryConsumer.ensure_connected(self._celery_state, connection)
+        connected = CeleryConsumer.ensure_connected(self._celery_state, connection)
+        # The consumer registers with the event loop now: its visibility sweeps count from here.
+        self.registered_at = self.broker.clock.elapsed
+        return connected
 
     def close(self) -> None:
         self.connection.release()
@@ -131,18 +141,22 @@ class _Consumer:
             recoverable += tuple(self.connection.channel_errors)
         while True:
             try:
+                if self.broken_by is not None:
+                    # A real consumer's next read on the dead socket fails.
+                    self._on_connection_lost(self.broken_by)
                 self._fetch(worker)
                 return
             except recoverable as exc:
-                self._on_connection_lost(exc)
+                self._on_connection_lost(repr(exc), exc)
 
-    def _on_connection_lost(self, exc: BaseException) -> None:
+    def _on_connection_lost(self, reason: str, exc: BaseException | None = None) -> None:
         # As celery.worker.consumer.Consumer.start: without broker_connection_retry the worker
         # shuts down; otherwise it drops the connection (the broker takes back every message
         # it had not acknowledged, ETA messages held here included) and reconnects with
         # broker_connection_max_retries, sleeping on the virtual clock.
+        self.broken_by = None
         self.events.append(
-            MessageEvent(self.broker.clock.elapsed, "", "", "connection lost", repr(exc))
+            MessageEvent(self.broker.clock.elapsed, "", "", "connection lost", reason)
         )
         if not self.app.conf.broker_connection_retry:
             self.events.append(
@@ -164,6 +178,7 @@ class _Consumer:
 
     def _fetch(self, worker: RetryWorker) -> None:
         channel = self.connection.default_channel
+        self._sweep(channel)
         now = self.broker.clock.now()
         for queue in list(self.broker.queues):
             while True:
@@ -177,19 +192,55 @@ class _Consumer:
                 else:
                     self.ready.append(request)
 
+    def _sweep(self, channel: Any) -> None:
+        """The redis transport's visibility sweep, as of its latest run up to now."""
+        if self.visibility is None or not self.broker.unacked or self.broker.is_down:
+            return
+        clock = self.broker.clock
+        swept_at = self.visibility.last_sweep(self.registered_at, clock.elapsed)
+        delivered_by = swept_at - self.visibility.visibility_timeout
+        restored = self.broker.restore_visible(channel, delivered_by)
+        if restored:
+            self.events.append(
+                MessageEvent(
+                    clock.elapsed,
+                    "",
+                    "",
+                    "visibility sweep",
+                    f"{restored} unacknowledged message(s) back on the queue "
+                    f"(visibility_timeout={self.visibility.visibility_timeout:g})",
+                )
+            )
+
+    def _next_restore(self) -> float | None:
+        if self.visibility is None or not self.broker.unacked:
+            return None
+        earliest = min(delivered_at for delivered_at, _ in self.broker.unacked)
+        return self.visibility.next_restore(earliest, self.registered_at, self.broker.clock.elapsed)
+
     def next_request(self) -> Any | None:
         return self.ready.popleft() if self.ready else None
 
     def wait_for_next_eta(self) -> bool:
-        """Move the clock to the earliest held ETA and make what is due ready; False if none.
+        """Move the clock to the next thing a waiting worker would see; False if there is none.
 
-        The caller polls the broker again before running it, so a broker that went away
-        meanwhile is noticed as a waiting worker would notice it.
+        That is the earliest held ETA (whose messages become ready) or the redis visibility
+        sweep that gives back what a lost connection left unacknowledged, unless a scheduled
+        outage begins first: a real worker notices a lost connection while it waits. The
+        caller polls the broker again after the wait, and sees the outage there.
         """
-        if not self.held:
+        clock = self.broker.clock
+        wake = [self.held[0].eta] if self.held else []
+        restore = self._next_restore()
+        if restore is not None:
+            wake.append(clock.now() + timedelta(seconds=restore - clock.elapsed))
+        if not wake:
             return False
-        due = self.held[0].eta
-        self.broker.clock.advance_to(due)
+        outage = self.broker.next_outage_start
+        due = min(wake)
+        if outage is not None:
+            due = min(due, clock.now() + timedelta(seconds=outage - clock.elapsed))
+        clock.advance_to(due)
         while self.held and self.held[0].eta <= due:
             self.ready.append(heapq.heappop(self.held).request)
         return True
@@ -344,6 +395,7 @@ class RetryWorker:
             and last.outcome is not None
             and not last.retry_published
             and not last.requeued
+            and not last.ack_failed
         )
 
     def _execute(self, request: Any, run: TaskRun, broker: InMemoryBroker) -> None:
@@ -421,13 +473,26 @@ class RetryWorker:
 
         def on_ack(*_: Any) -> None:
             message.ack_log_error(*_)
-            event_sink.append(self._event(message, "acked"))
+            settled(message, "acked", "ack")
 
         def on_reject(logger: Any, errors: Any, requeue: bool = False) -> None:
             message.reject_log_error(logger, errors, requeue=requeue)
-            event_sink.append(self._event(message, "requeued" if requeue else "rejected"))
-            if requeue and self._current is not None:
+            settled(message, *(("requeued", "requeue") if requeue else ("rejected", "reject")))
+            if requeue and message.acknowledged and self._current is not None:
                 self._current.requeued = True
+
+        def settled(message: Any, done: str, verb: str) -> None:
+            # Celery logs a failed ack or reject and goes on; the broker still holds the message.
+            if message.acknowledged:
+                event_sink.append(self._event(message, done))
+                return
+            event_sink.append(self._event(message, f"{verb} failed"))
+            consumer.broken_by = f"the {verb} of {message.headers.get('id')} failed"
+            if self._current is not None:
+                self._current.ack_failed = True
+                self._current.note = (
+                    f"{verb} failed: the broker was unreachable and still holds the message"
+                )
 
         return Request(
             message,

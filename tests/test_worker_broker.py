@@ -167,22 +167,23 @@ class TestConsumerConnection:
         self, celery_retry_app, flaky_broker, retry_worker
     ):
         result = celery_retry_app.tasks["poll"].delay()
-        # Down from t=5 to t=25: the worker holds the retry (ETA t=10) when the broker goes.
+        # Down from t=5 to t=25: the worker holds the retry (ETA t=10) when the broker goes,
+        # and notices at once, as a waiting worker whose connection drops does.
         flaky_broker.outage(seconds=20, starting_in=5)
 
         run = retry_worker.run_until_idle()[result.id]
 
         assert run.state == "SUCCESS"
-        assert [a.t for a in run.attempts] == [0, 30]
-        # Celery's consumer reconnects through kombu's ensure_connection defaults: 2 s, then
-        # 4, 6, 8 s more; the broker is back at t=25, the connect at t=30 succeeds.
+        assert [a.t for a in run.attempts] == [0, 25]
+        # Celery's consumer reconnects through kombu's ensure_connection defaults: at once,
+        # then 2, 4, 6, 8 s later; the broker is back at t=25, the connect then succeeds.
         assert consumer_connects(flaky_broker) == [
             (0, True),
-            (10, False),
-            (12, False),
-            (16, False),
-            (22, False),
-            (30, True),
+            (5, False),
+            (7, False),
+            (11, False),
+            (17, False),
+            (25, True),
         ]
         assert actions(retry_worker) == ["acked", "connection lost", "reconnected", "acked"]
         # The held message went back to the broker when the connection dropped, then came again.
@@ -216,7 +217,7 @@ class TestConsumerConnection:
         with pytest.raises(OperationalError):
             retry_worker.run_until_idle()
 
-        assert consumer_connects(flaky_broker) == [(0, True), (10, False), (12, False), (16, False)]
+        assert consumer_connects(flaky_broker) == [(0, True), (5, False), (7, False), (11, False)]
 
 
 def test_outage_arguments_are_checked(flaky_broker):
