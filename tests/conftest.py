@@ -48,6 +48,29 @@ def make_app(**config: Any) -> Any:
     return app
 
 
+def make_poll_app(**config: Any) -> Any:
+    """An app whose ``poll`` task retries once, with countdown=10, then returns "done"."""
+    app = make_app(**config)
+
+    @app.task(name="poll", bind=True, max_retries=1, shared=False)
+    def poll(self: Any) -> str:
+        if self.request.retries == 0:
+            raise self.retry(countdown=10)
+        return "done"
+
+    return app
+
+
+def consumer_connects(broker: Any) -> list[tuple[float, bool]]:
+    """(t, ok) of each connect the worker's consumer made."""
+    return [(op.t, op.ok) for op in broker.connection_attempts if op.role == "consumer"]
+
+
+def actions(worker: Any, task_id: str | None = None) -> list[str]:
+    """What the worker did, in order (of one task and its connection, with ``task_id``)."""
+    return [e.action for e in worker.events if task_id is None or e.task_id in ("", task_id)]
+
+
 @pytest.fixture
 def app() -> Any:
     return make_app()

@@ -15,20 +15,12 @@ from kombu.transport import redis as redis_transport
 
 from pytest_celery_retry import UsageError
 from pytest_celery_retry.broker import VisibilityTimeout
-from tests.conftest import make_app
+from tests.conftest import actions, consumer_connects, make_app, make_poll_app
 
 # kombu 5.7 made the redis sweep timer configurable (unacked_restore_interval / _throttle);
 # before, a sweep runs at registration and then every 10th call of a 10 s timer.
 SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
 FAST_SWEEP = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
-
-
-def actions(worker: Any) -> list[str]:
-    return [event.action for event in worker.events]
-
-
-def consumer_connects(broker: Any) -> list[tuple[float, bool]]:
-    return [(op.t, op.ok) for op in broker.connection_attempts if op.role == "consumer"]
 
 
 @pytest.fixture
@@ -133,15 +125,7 @@ class TestHeldEtaMessageWhenTheConnectionDrops:
 
     @pytest.fixture
     def celery_retry_app(self) -> Any:
-        app = make_app()
-
-        @app.task(name="poll", bind=True, max_retries=1, shared=False)
-        def poll(self: Any) -> str:
-            if self.request.retries == 0:
-                raise self.retry(countdown=10)
-            return "done"
-
-        return app
+        return make_poll_app()
 
     @pytest.mark.parametrize("celery_retry_flavor", ["pyamqp"], indirect=True)
     def test_amqp_runs_it_at_its_eta(self, celery_retry_app, flaky_broker, retry_worker):

@@ -9,15 +9,7 @@ from celery.exceptions import MaxRetriesExceededError, Reject, WorkerLostError, 
 from kombu.exceptions import OperationalError
 
 from pytest_celery_retry import UsageError
-from tests.conftest import make_app
-
-
-def consumer_connects(broker: Any) -> list[tuple[float, bool]]:
-    return [(op.t, op.ok) for op in broker.connection_attempts if op.role == "consumer"]
-
-
-def actions(worker: Any, task_id: str | None = None) -> list[str]:
-    return [e.action for e in worker.events if task_id is None or e.task_id in ("", task_id)]
+from tests.conftest import actions, consumer_connects, make_app, make_poll_app
 
 
 def test_seed_task_delayed_and_run_until_idle(app, flaky_broker, retry_worker):
@@ -153,15 +145,7 @@ class TestConsumerConnection:
 
     @pytest.fixture
     def celery_retry_app(self, request: pytest.FixtureRequest) -> Any:
-        app = make_app(**getattr(request, "param", {}))
-
-        @app.task(name="poll", bind=True, max_retries=1, shared=False)
-        def poll(self: Any) -> str:
-            if self.request.retries == 0:
-                raise self.retry(countdown=10)
-            return "done"
-
-        return app
+        return make_poll_app(**getattr(request, "param", {}))
 
     def test_reconnects_and_the_held_message_is_redelivered(
         self, celery_retry_app, flaky_broker, retry_worker
