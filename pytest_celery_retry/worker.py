@@ -221,7 +221,7 @@ class _Consumer:
     def next_request(self) -> Any | None:
         return self.ready.popleft() if self.ready else None
 
-    def wait_for_next_eta(self) -> bool:
+    def wait_for_work(self) -> bool:
         """Move the clock to the next thing a waiting worker would see; False if there is none.
 
         That is the earliest held ETA (whose messages become ready) or the redis visibility
@@ -377,7 +377,7 @@ class RetryWorker:
             consumer.fetch(self)
             request = consumer.next_request()
             if request is None:
-                if consumer.wait_for_next_eta():
+                if consumer.wait_for_work():
                     continue
                 return
             run = self._run_for(request)
