@@ -133,11 +133,11 @@ class _Channel(memory.Channel):
         super().__init__(connection, **kwargs)
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
-        self.connection.broker._check_settle(self.connection.role)
+        self.connection.broker._check_settle(self.connection)
         super().basic_ack(delivery_tag, multiple)
 
     def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        self.connection.broker._check_settle(self.connection.role)
+        self.connection.broker._check_settle(self.connection)
         super().basic_reject(delivery_tag, requeue=requeue)
 
     def _restore(self, message: Any) -> None:
@@ -163,13 +163,13 @@ class _Channel(memory.Channel):
             super()._put(queue, message, **kwargs)
             return
         broker = self.connection.broker
-        broker._operate("publish", self.connection.role, queue=queue)
+        broker._operate("publish", self.connection, queue=queue)
         super()._put(queue, message, **kwargs)
         broker._record_delivery(queue, message)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         broker = self.connection.broker
-        broker._check_consume(self.connection.role, queue)
+        broker._check_consume(self.connection, queue)
         message: dict[str, Any] = super()._get(queue, timeout)
         return message
 
@@ -180,6 +180,9 @@ class _Transport(memory.Transport):
     Channel = _Channel
     driver_name = "pytest-celery-retry"
     flavor = "pyamqp"
+    # When the last successful connect happened, as (virtual time, broker event number):
+    # an outage that began since then has cut the connection.
+    opened_at: tuple[float, int] | None = None
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
@@ -194,8 +197,10 @@ class _Transport(memory.Transport):
         self.role = (client.transport_options or {}).get(CONSUMER_ROLE_OPTION, "producer")
 
     def establish_connection(self) -> Any:
-        self.broker._operate("connect", self.role)
-        return super().establish_connection()
+        self.broker._operate("connect", self)
+        connection = super().establish_connection()
+        self.opened_at = self.broker._moment()
+        return connection
 
     def driver_version(self) -> str:
         return "N/A"
@@ -335,6 +340,10 @@ class InMemoryBroker:
         self._down = False
         self._down_from = 0.0
         self._down_until: float | None = None
+        # When each down() or outage() began (or begins): it cuts the connections open then.
+        # Moments are (virtual time, event number): things at one virtual instant stay ordered.
+        self._outage_starts: list[tuple[float, int]] = []
+        self._events = itertools.count()
         self._suspended = 0
         self._publish_seq = -1
         _brokers[self.name] = self
@@ -374,8 +383,9 @@ class InMemoryBroker:
         self._faults.append(_Fault(_kinds(on), None, 0, _error_factory(exc), rate, rng))
 
     def down(self) -> None:
-        """Refuse every operation until :meth:`up`."""
+        """Refuse every operation until :meth:`up`; open connections are cut."""
         self._down = True
+        self._outage_starts.append(self._moment())
 
     def up(self) -> None:
         """End :meth:`down`, an outage, and every pending fault."""
@@ -395,6 +405,7 @@ class InMemoryBroker:
             )
         self._down_from = self.clock.elapsed + starting_in
         self._down_until = self._down_from + seconds
+        self._outage_starts.append((self._down_from, next(self._events)))
 
     @property
     def is_down(self) -> bool:
@@ -471,25 +482,50 @@ class InMemoryBroker:
         return f"{head}\n{table}\n{publishes}".rstrip()
 
     # -- the transport's hooks -------------------------------------------------------------
-    def _operate(self, kind: OperationKind, role: str, queue: str | None = None) -> None:
-        error = self._fault_for(kind)
-        self._record(kind, role, error, queue)
+    def _operate(
+        self, kind: OperationKind, transport: _Transport, queue: str | None = None
+    ) -> None:
+        error = self._fault_for(kind) or self._cut_since_opened(kind, transport)
+        self._record(kind, transport.role, error, queue)
         if error is not None:
             raise error
 
-    def _check_consume(self, role: str, queue: str) -> None:
+    def _check_consume(self, transport: _Transport, queue: str) -> None:
         # Polling an empty queue is not worth a record; a failure is.
-        self._fail_if_faulty("consume", role, queue)
+        self._fail_if_faulty("consume", transport, queue)
 
-    def _check_settle(self, role: str) -> None:
+    def _check_settle(self, transport: _Transport) -> None:
         # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
-        self._fail_if_faulty("ack", role, None)
+        self._fail_if_faulty("ack", transport, None)
 
-    def _fail_if_faulty(self, kind: OperationKind, role: str, queue: str | None) -> None:
-        error = self._fault_for(kind)
+    def _fail_if_faulty(
+        self, kind: OperationKind, transport: _Transport, queue: str | None
+    ) -> None:
+        error = self._fault_for(kind) or self._cut_since_opened(kind, transport)
         if error is not None:
-            self._record(kind, role, error, queue)
+            self._record(kind, transport.role, error, queue)
             raise error
+
+    def _moment(self) -> tuple[float, int]:
+        return (self.clock.elapsed, next(self._events))
+
+    def _cut_since_opened(self, kind: OperationKind, transport: _Transport) -> BaseException | None:
+        """The error of a worker's operation on a connection an outage cut after it opened.
+
+        A broker that goes away drops its open connections, also when it is back before the
+        worker's next operation. The worker's next read fails; on RabbitMQ its ack fails too
+        (py-amqp writes to the dead socket), while redis-py sends a Redis ack on a fresh
+        connection of its own. Producers are not modelled here (docs/broker-outages.md).
+        """
+        opened_at = transport.opened_at
+        if transport.role != "consumer" or self._suspended or opened_at is None:
+            return None
+        now = self._moment()
+        if not any(opened_at < start <= now for start in self._outage_starts):
+            return None
+        if self.flavor == "redis" and kind == "ack":
+            return None
+        return _default_error(self.flavor, kind)
 
     def restore_visible(self, channel: Any, delivered_by: float) -> int:
         """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.

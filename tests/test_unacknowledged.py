@@ -182,3 +182,43 @@ def test_fail_next_accepts_ack(flaky_broker):
     flaky_broker.fail_next(1, on="ack")
     with pytest.raises(UsageError, match="'ack'"):
         flaky_broker.fail_next(1, on="acknowledge")
+
+
+class TestBlipDuringTheTask:
+    """The broker is away for half a second while an acks_late task runs, back before its ack."""
+
+    @pytest.fixture
+    def blip(self, celery_retry_app: Any, flaky_broker: Any, retry_worker: Any) -> Any:
+        @celery_retry_app.task(name="blip", shared=False)
+        def blip() -> None:
+            if not retry_worker.runs["blip-1"].attempts[1:]:
+                flaky_broker.outage(0.5)
+                retry_worker.clock.advance(1)
+
+        return blip
+
+    @pytest.mark.parametrize("celery_retry_flavor", ["pyamqp"], indirect=True)
+    def test_amqp_acks_on_the_cut_connection_and_runs_it_again(
+        self, blip, flaky_broker, retry_worker
+    ):
+        run = retry_worker.apply(blip, task_id="blip-1")
+
+        # RabbitMQ dropped the connection at t=0; the ack at t=1 goes into the dead socket.
+        # (tests/test_real_brokers.py shows the real double run.)
+        assert [a.t for a in run.attempts] == [0, 1]
+        assert run.attempts[0].ack_failed
+        assert actions(retry_worker) == ["ack failed", "connection lost", "reconnected", "acked"]
+
+    @pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
+    def test_redis_acks_on_a_fresh_connection_and_runs_it_once(
+        self, blip, flaky_broker, retry_worker
+    ):
+        run = retry_worker.apply(blip, task_id="blip-1")
+        retry_worker.run_until_idle()  # the worker reads from its connection again
+
+        # redis-py sends the ack on a new connection; the consumer's read then finds its own
+        # connection gone and reconnects, with nothing left to redeliver. A real worker:
+        # one run after a 0.5 s cut during a 1 s task.
+        assert [a.t for a in run.attempts] == [0]
+        assert actions(retry_worker) == ["acked", "connection lost", "reconnected"]
+        assert consumer_connects(flaky_broker) == [(0, True), (1, True)]
