@@ -95,6 +95,14 @@ def _default_error(flavor: str, kind: OperationKind) -> BaseException:
     return ConnectionResetError(104, "Connection reset by peer")
 
 
+def _closed_by_broker_error(flavor: str) -> BaseException:
+    """What the real transport raises on a connection the broker closed while it was away."""
+    if flavor == "redis":
+        return _default_error(flavor, "consume")
+    # py-amqp, measured through the fault proxy after a 0.5 s cut (tests/test_real_brokers.py).
+    return OSError("Server unexpectedly closed connection")
+
+
 class _QoS(virtual.QoS):
     """kombu's QoS, noting when each unacknowledged message was delivered (redis needs it)."""
 
@@ -510,22 +518,25 @@ class InMemoryBroker:
         return (self.clock.elapsed, next(self._events))
 
     def _cut_since_opened(self, kind: OperationKind, transport: _Transport) -> BaseException | None:
-        """The error of a worker's operation on a connection an outage cut after it opened.
+        """The error of an operation on a connection that an outage cut after it opened.
 
         A broker that goes away drops its open connections, also when it is back before the
-        worker's next operation. The worker's next read fails; on RabbitMQ its ack fails too
-        (py-amqp writes to the dead socket), while redis-py sends a Redis ack on a fresh
-        connection of its own. Producers are not modelled here (docs/broker-outages.md).
+        client's next operation. py-amqp then fails on the dead socket, publish and ack
+        included, until kombu reconnects. redis-py reconnects by itself for a command (a
+        publish, an ack); only the worker's consuming connection is seen to break.
         """
         opened_at = transport.opened_at
-        if transport.role != "consumer" or self._suspended or opened_at is None:
+        if kind == "connect" or self._suspended or opened_at is None:
             return None
         now = self._moment()
         if not any(opened_at < start <= now for start in self._outage_starts):
             return None
-        if self.flavor == "redis" and kind == "ack":
+        if self.flavor == "redis" and kind != "consume":
+            if transport.role != "consumer":
+                transport.opened_at = now  # the producer's client reconnected
+            # A worker's ack goes over its own pooled connection; its reading one stays cut.
             return None
-        return _default_error(self.flavor, kind)
+        return _closed_by_broker_error(self.flavor)
 
     def restore_visible(self, channel: Any, delivered_by: float) -> int:
         """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.

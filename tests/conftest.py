@@ -81,6 +81,13 @@ def celery_retry_app(app: Any) -> Any:
     return app
 
 
+@pytest.fixture
+def celery_retry_flavor(request: pytest.FixtureRequest) -> str | None:
+    """The plugin's fixture, parametrizable: ``parametrize("celery_retry_flavor", [...],
+    indirect=True)``; without a param, the app's broker URL decides."""
+    return getattr(request, "param", None)
+
+
 REAL_BROKER_URLS = {
     "redis": ("CELERY_RETRY_REDIS_URL", "redis://127.0.0.1:6379/0"),
     "amqp": ("CELERY_RETRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),

@@ -203,3 +203,43 @@ def test_published_task_runs_on_the_retry_worker(app, flaky_broker, retry_worker
     assert run.countdowns == [1, 3, 9]
     assert run.state == "FAILURE"
     assert retry_worker.clock.elapsed == SEED_FRESH_TRIES[-1] + 13
+
+
+# -- a connection the broker dropped while it was away, back before the next publish --------
+@pytest.mark.parametrize("celery_retry_flavor", ["pyamqp"], indirect=True)
+def test_amqp_publish_after_a_blip_reconnects_at_once(app, flaky_broker, retry_worker):
+    establish_connection(app, flaky_broker)
+    flaky_broker.outage(0.5)
+    retry_worker.clock.advance(1)
+
+    send_seed(app)
+
+    # py-amqp finds the old connection closed; kombu reconnects at once and publishes again.
+    publish = flaky_broker.last_publish
+    assert publish.outcome == "delivered"
+    assert publish.attempt_times == [1, 1]
+    assert str(publish.error) == "Server unexpectedly closed connection"
+
+
+@pytest.mark.parametrize("celery_retry_flavor", ["pyamqp"], indirect=True)
+def test_amqp_publish_after_a_blip_without_retry_fails(app, flaky_broker, retry_worker):
+    establish_connection(app, flaky_broker)
+    flaky_broker.outage(0.5)
+    retry_worker.clock.advance(1)
+
+    with pytest.raises(OperationalError, match="Server unexpectedly closed connection"):
+        app.send_task("foo.task", retry=False)
+    assert len(delivered(flaky_broker)) == 1
+
+
+@pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
+def test_redis_publish_after_a_blip_goes_through(app, flaky_broker, retry_worker):
+    establish_connection(app, flaky_broker)
+    flaky_broker.outage(0.5)
+    retry_worker.clock.advance(1)
+
+    app.send_task("foo.task", retry=False)
+
+    # redis-py reconnects by itself: kombu never sees the dropped connection.
+    assert flaky_broker.last_publish.attempt_times == [1]
+    assert len(delivered(flaky_broker)) == 2

@@ -15,6 +15,7 @@ from typing import Any
 
 import celery
 import pytest
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as redis_transport
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -120,6 +121,37 @@ def test_publish_past_the_policy_raises_and_nothing_arrives(
     finally:
         drain(kind, queue)
     assert took < 3
+
+
+@pytest.mark.parametrize("retry", [True, False], ids=["retry", "no-retry"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_publish_after_a_blip(broker_proxy: ProxyFactory, app: Any, kind: str, retry: bool) -> None:
+    # The producer's connection was dropped by a 0.5 s cut and the broker is back when it
+    # publishes again. tests/test_publish_retries.py has the flavours' prediction.
+    proxy = broker_proxy(kind)
+    configure(app, kind)
+    queue = new_queue()
+    try:
+        publish(app, queue)
+        proxy.outage(0.5)
+        time.sleep(1.0)
+        connections_before = len(proxy.connection_attempts)
+        error: BaseException | None = None
+        try:
+            app.send_task("foo.task", queue=queue, retry=retry, retry_policy=POLICY)
+        except OperationalError as exc:
+            error = exc
+        reconnects = len(proxy.connection_attempts) - connections_before
+        arrived = drain(kind, queue, delete=False)
+    finally:
+        drain(kind, queue)
+    if kind == "redis":  # redis-py reconnects by itself
+        assert (error, arrived) == (None, 2), proxy.timeline()
+    elif retry:  # py-amqp fails on the dead socket; kombu reconnects at once
+        assert (error, arrived, reconnects) == (None, 2, 1), proxy.timeline()
+    else:
+        assert str(error) == "Server unexpectedly closed connection"
+        assert arrived == 1, proxy.timeline()
 
 
 def test_amqp_without_confirms_loses_a_publish_on_a_dropped_connection(

@@ -24,11 +24,6 @@ FAST_SWEEP = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 
 
 @pytest.fixture
-def celery_retry_flavor(request: pytest.FixtureRequest) -> str:
-    return getattr(request, "param", "pyamqp")
-
-
-@pytest.fixture
 def celery_retry_app(request: pytest.FixtureRequest) -> Any:
     """An acks_late app; the options given as the fixture's param are its transport options."""
     return make_app(task_acks_late=True, broker_transport_options=getattr(request, "param", {}))
