@@ -264,8 +264,11 @@ def test_amqp_task_running_when_the_connection_drops_runs_again(
 # -- redis: what a lost connection left unacknowledged comes back at a visibility sweep -----
 # The same scenarios run on the redis flavour in tests/test_unacknowledged.py, which predicts
 # these times. kombu 5.7+ sweeps every second with these options, so the redelivery comes at
-# visibility_timeout. Older kombu sweeps 100 s apart: too long for a test, which checks there
-# that the message is still held back in Redis's unacked hash after the outage instead.
+# visibility_timeout. Older kombu sweeps 100 s apart, too long for a test; and there a
+# start_worker that lost its connection leaves kombu state behind that stops later in-process
+# workers from consuming, so these two tests exist only with kombu 5.7+ (end of this block).
+# Measured by hand with kombu 5.6: the message stayed in Redis's unacked hash past the
+# reconnect; with kombu 5.3 in a fresh process the registration sweep restored it.
 SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
 VISIBILITY = {"visibility_timeout": 6, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 # Sweeps run every second from the consumer's registration, whose real time varies.
@@ -313,23 +316,16 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     try:
         with start_worker(app, queue):
             started[0] = time.monotonic()
-            result = slow_ack.apply_async(queue=queue)
-            if SWEEP_OPTIONS_WORK:
-                assert wait_until(lambda: len(runs) == 2, 15), proxy.timeline()
-                time.sleep(0.5)  # room for a third run to show up
-            else:
-                time.sleep(4.5)  # past the reconnect (t=3), when a requeue would have run it
+            slow_ack.apply_async(queue=queue)
+            assert wait_until(lambda: len(runs) == 2, 15), proxy.timeline()
+            time.sleep(0.5)  # room for a third run to show up
     finally:
         drain("redis", queue)
     # The consumer reconnects at t=3 (refused at t=1, then 2 s later); the message comes back
     # at t=6, visibility_timeout after its delivery. RabbitMQ would requeue it at once: the
     # second run would come at t=3.
-    if SWEEP_OPTIONS_WORK:
-        assert len(runs) == 2, runs
-        assert runs[1] == pytest.approx(6, abs=SWEEP_SLACK), (runs, proxy.timeline())
-    else:
-        assert len(runs) == 1, runs
-        assert unacked_in_redis(result.id)
+    assert len(runs) == 2, runs
+    assert runs[1] == pytest.approx(6, abs=SWEEP_SLACK), (runs, proxy.timeline())
 
 
 def test_redis_holds_back_an_eta_message_a_lost_connection_held(
@@ -354,21 +350,24 @@ def test_redis_holds_back_an_eta_message_a_lost_connection_held(
             assert wait_until(lambda: len(runs) == 1, 10), proxy.timeline()
             time.sleep(0.3)  # the worker now holds the retry until its ETA (t=1)
             proxy.outage(1.5)
-            wait_until(lambda: len(runs) == 2, 10 if SWEEP_OPTIONS_WORK else 4)
+            wait_until(lambda: len(runs) == 2, 10)
+            # Checked while the worker runs: a stopping worker restores what it held.
+            held_back = unacked_in_redis(result.id)
     finally:
         drain("redis", queue)
     if CELERY_CRASHES_ON_HELD_MESSAGES:
         assert len(runs) == 1, runs
         assert "Unrecoverable error: AttributeError" in caplog.text
-        assert unacked_in_redis(result.id)
+        assert held_back
         return
     # Lost at t=0.3 with Redis down: the held retry stays unacked, past its ETA (t=1) and
     # past the reconnect (t=2.3), until a sweep finds it older than visibility_timeout.
-    if SWEEP_OPTIONS_WORK:
-        assert runs[1] == pytest.approx(6.3, abs=SWEEP_SLACK), (runs, proxy.timeline())
-    else:
-        assert len(runs) == 1, runs
-        assert unacked_in_redis(result.id)
+    assert runs[1] == pytest.approx(6.3, abs=SWEEP_SLACK), (runs, proxy.timeline())
+
+
+if not SWEEP_OPTIONS_WORK:  # see the top of this block
+    del test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep
+    del test_redis_holds_back_an_eta_message_a_lost_connection_held
 
 
 # (fewest, most) runs. RabbitMQ delivers at least once: the redelivered message was seen to
