@@ -104,8 +104,6 @@ def test_publish_retried_through_an_outage_arrives_once(
 def test_publish_past_the_policy_raises_and_nothing_arrives(
     broker_proxy: ProxyFactory, app: Any, kind: str
 ) -> None:
-    from kombu.exceptions import OperationalError
-
     proxy = broker_proxy(kind)
     configure(app, kind)
     queue = new_queue()
