@@ -26,6 +26,8 @@ pytestmark = pytest.mark.real_broker
 
 KINDS = ["redis", "amqp"]
 FLAVOR = {"redis": "redis", "amqp": "pyamqp"}
+# kombu 5.7 made the redis sweep timer configurable (unacked_restore_interval / _throttle).
+SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
 # Short real intervals: a one-second outage is outlived by about five tries.
 POLICY = {"max_retries": 20, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 ProxyFactory = Callable[[str], BrokerProxy]
@@ -267,7 +269,6 @@ def test_amqp_task_running_when_the_connection_drops_runs_again(
 # workers from consuming, so these two tests exist only with kombu 5.7+ (end of this block).
 # Measured by hand with kombu 5.6: the message stayed in Redis's unacked hash past the
 # reconnect; with kombu 5.3 in a fresh process the registration sweep restored it.
-SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
 VISIBILITY = {"visibility_timeout": 6, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 # Sweeps run every second from the consumer's registration, whose real time varies.
 SWEEP_SLACK = 1.2
@@ -400,6 +401,12 @@ def test_acks_late_task_through_a_blip(
         drain(kind, queue)
     fewest, most = runs_seen
     assert fewest <= len(runs) <= most, proxy.timeline()
+
+
+# On kombu < 5.7 workers that lost their connection leave state behind that upsets the later
+# in-process workers of other tests (see the visibility tests above): only with kombu 5.7+.
+if not SWEEP_OPTIONS_WORK:
+    del test_acks_late_task_through_a_blip
 
 
 # -- flavours: what the real transports raise vs what the in-memory broker raises -----------
