@@ -493,7 +493,7 @@ class InMemoryBroker:
     def _operate(
         self, kind: OperationKind, transport: _Transport, queue: str | None = None
     ) -> None:
-        error = self._fault_for(kind) or self._cut_since_opened(kind, transport)
+        error = self._error_for(kind, transport)
         self._record(kind, transport.role, error, queue)
         if error is not None:
             raise error
@@ -509,10 +509,14 @@ class InMemoryBroker:
     def _fail_if_faulty(
         self, kind: OperationKind, transport: _Transport, queue: str | None
     ) -> None:
-        error = self._fault_for(kind) or self._cut_since_opened(kind, transport)
+        error = self._error_for(kind, transport)
         if error is not None:
             self._record(kind, transport.role, error, queue)
             raise error
+
+    def _error_for(self, kind: OperationKind, transport: _Transport) -> BaseException | None:
+        """What an operation of ``kind`` on ``transport`` raises now, if anything."""
+        return self._fault_for(kind) or self._cut_since_opened(kind, transport)
 
     def _moment(self) -> tuple[float, int]:
         return (self.clock.elapsed, next(self._events))
@@ -526,7 +530,7 @@ class InMemoryBroker:
         publish, an ack); only the worker's consuming connection is seen to break.
         """
         opened_at = transport.opened_at
-        if kind == "connect" or self._suspended or opened_at is None:
+        if kind == "connect" or self._suspended or opened_at is None or not self._outage_starts:
             return None
         now = self._moment()
         if not any(opened_at < start <= now for start in self._outage_starts):

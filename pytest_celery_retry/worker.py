@@ -155,26 +155,20 @@ class _Consumer:
         # it had not acknowledged, ETA messages held here included) and reconnects with
         # broker_connection_max_retries, sleeping on the virtual clock.
         self.broken_by = None
-        self.events.append(
-            MessageEvent(self.broker.clock.elapsed, "", "", "connection lost", reason)
-        )
+        self._connection_event("connection lost", reason)
         if not self.app.conf.broker_connection_retry:
-            self.events.append(
-                MessageEvent(
-                    self.broker.clock.elapsed,
-                    "",
-                    "",
-                    "worker shutdown",
-                    "broker_connection_retry=False",
-                )
-            )
+            self._connection_event("worker shutdown", "broker_connection_retry=False")
             raise WorkerShutdown(1) from exc
         self.ready.clear()
         self.held.clear()
         with self.broker.suspend_faults():
             self.connection.release()
         self.connection = self._connect()
-        self.events.append(MessageEvent(self.broker.clock.elapsed, "", "", "reconnected"))
+        self._connection_event("reconnected")
+
+    def _connection_event(self, action: str, detail: str = "") -> None:
+        """Record what happened to the connection itself (no task is concerned)."""
+        self.events.append(MessageEvent(self.broker.clock.elapsed, "", "", action, detail))
 
     def _fetch(self, worker: RetryWorker) -> None:
         channel = self.connection.default_channel
@@ -196,20 +190,14 @@ class _Consumer:
         """The redis transport's visibility sweep, as of its latest run up to now."""
         if self.visibility is None or not self.broker.unacked or self.broker.is_down:
             return
-        clock = self.broker.clock
-        swept_at = self.visibility.last_sweep(self.registered_at, clock.elapsed)
+        swept_at = self.visibility.last_sweep(self.registered_at, self.broker.clock.elapsed)
         delivered_by = swept_at - self.visibility.visibility_timeout
         restored = self.broker.restore_visible(channel, delivered_by)
         if restored:
-            self.events.append(
-                MessageEvent(
-                    clock.elapsed,
-                    "",
-                    "",
-                    "visibility sweep",
-                    f"{restored} unacknowledged message(s) back on the queue "
-                    f"(visibility_timeout={self.visibility.visibility_timeout:g})",
-                )
+            self._connection_event(
+                "visibility sweep",
+                f"{restored} unacknowledged message(s) back on the queue "
+                f"(visibility_timeout={self.visibility.visibility_timeout:g})",
             )
 
     def _next_restore(self) -> float | None:
