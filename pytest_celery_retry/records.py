@@ -66,6 +66,8 @@ class Attempt:
     requeued: bool = False
     # Its message's ack (or reject) failed: the broker will deliver the message again.
     ack_failed: bool = False
+    # Virtual seconds the worker held its message back for the task's rate_limit.
+    rate_limit_hold: float = 0.0
     note: str = ""
 
     @property

@@ -3,8 +3,9 @@
 Each message is turned into Celery's own worker ``Request`` and executed through an inline
 pool with the real tracer (``is_eager`` false), so ``Task.retry`` republishes its retry
 message through the in-memory broker exactly as in production, ETA and all. The worker
-holds messages whose ETA lies ahead (unacknowledged, as a real worker does) and, when
-nothing is due, moves the virtual clock to the next ETA instead of waiting for it.
+holds messages whose ETA lies ahead (unacknowledged, as a real worker does), and messages
+its task's ``rate_limit`` holds back (Celery's own token buckets and scheduling); when
+nothing is due, it moves the virtual clock to the next of those moments instead of waiting.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import itertools
 import os
 import random
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -81,10 +82,14 @@ class _InlinePool(BasePool):
 
 
 @dataclass(order=True)
-class _Held:
-    eta: datetime
+class _Timed:
+    """An entry of the worker's timer, ordered as kombu's Timer orders them."""
+
+    due: datetime
+    priority: int
     seq: int
-    request: Any = field(compare=False)
+    fire: Callable[..., None] = field(compare=False)
+    args: tuple[Any, ...] = field(compare=False)
 
 
 @dataclass
@@ -99,15 +104,36 @@ class MessageEvent:
 
 
 class _Consumer:
-    """The worker's own connection to one app's broker, and the messages it holds."""
+    """The worker's own connection to one app's broker, and the messages it holds.
+
+    Rate limits run on Celery's own Consumer code, borrowed below: a kombu TokenBucket per
+    task type (it reads ``time.monotonic``, which the virtual clock freezes) and the
+    scheduling that holds a request until its bucket has a token. This object stands in for
+    the attributes that code reads: ``task_buckets``, ``timer`` (itself, on virtual time)
+    and ``_limit_move_to_pool`` (the ready queue).
+    """
+
+    bucket_for_task = CeleryConsumer.bucket_for_task
+    reset_rate_limits = CeleryConsumer.reset_rate_limits
+    _limit_task = CeleryConsumer._limit_task
+    _schedule_bucket_request = CeleryConsumer._schedule_bucket_request
 
     def __init__(self, installed: AppInstallation, events: list[MessageEvent]) -> None:
         self.app = installed.app
         self.broker: InMemoryBroker = installed.broker
         self.events = events
         self.ready: deque[Any] = deque()
-        self.held: list[_Held] = []
+        # ETA messages and rate-limited requests waiting for their moment (a heap).
+        self.held: list[_Timed] = []
         self._seq = itertools.count()
+        self.timer = self
+        self._limit_order = 0
+        self.disable_rate_limits = bool(self.app.conf.worker_disable_rate_limits)
+        self.task_buckets: defaultdict[str, Any] = defaultdict(lambda: None)
+        self.reset_rate_limits()
+        # When each request met its bucket, then how long the bucket held it, by id(request).
+        self._limited_since: dict[int, float] = {}
+        self._rate_limit_holds: dict[int, float] = {}
         # The attributes Celery's Consumer.ensure_connected reads and updates.
         self._celery_state = SimpleNamespace(
             app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
@@ -161,6 +187,11 @@ class _Consumer:
             raise WorkerShutdown(1) from exc
         self.ready.clear()
         self.held.clear()
+        # As Celery's Consumer.on_close: the buckets keep their tokens, not their requests.
+        for bucket in self.task_buckets.values():
+            if bucket:
+                bucket.clear_pending()
+        self._limited_since.clear()
         with self.broker.suspend_faults():
             self.connection.release()
         self.connection = self._connect()
@@ -182,9 +213,50 @@ class _Consumer:
                 request = worker._request_for(self, message)
                 eta = request.eta
                 if eta is not None and eta > now:
-                    heapq.heappush(self.held, _Held(eta, next(self._seq), request))
+                    # Celery's default strategy: the ETA first, then the rate limit.
+                    self.call_at(eta, self._admit, (request,), priority=6)
                 else:
-                    self.ready.append(request)
+                    self._admit(request)
+
+    def _admit(self, request: Any) -> None:
+        """Let a due request go to the pool, through its task's rate limit if it has one."""
+        bucket = None if self.disable_rate_limits else self._bucket(request.task)
+        if bucket is None:
+            self.ready.append(request)
+            return
+        self._limited_since[id(request)] = self.broker.clock.elapsed
+        self._limit_task(request, bucket, 1)
+
+    def _bucket(self, task: Any) -> Any:
+        # A real worker builds its buckets when it starts, after every task is registered;
+        # a test may register a task after this worker connected.
+        if task.name not in self.task_buckets:
+            self.task_buckets[task.name] = self.bucket_for_task(task)
+        return self.task_buckets[task.name]
+
+    def _limit_move_to_pool(self, request: Any) -> None:
+        held = self.broker.clock.elapsed - self._limited_since.pop(id(request))
+        if held > 0:
+            self._rate_limit_holds[id(request)] = held
+        self.ready.append(request)
+
+    def rate_limit_hold(self, request: Any) -> float:
+        """Virtual seconds the rate limit held ``request`` back before it went to the pool."""
+        return self._rate_limit_holds.pop(id(request), 0.0)
+
+    # -- the timer Celery's rate-limit code schedules on (kombu's Timer interface) ----------
+    def call_at(
+        self, eta: datetime, fun: Callable[..., None], args: tuple[Any, ...], priority: int = 0
+    ) -> None:
+        heapq.heappush(self.held, _Timed(eta, priority, next(self._seq), fun, args))
+
+    def call_after(
+        self, secs: float, fun: Callable[..., None], args: tuple[Any, ...], priority: int = 0
+    ) -> None:
+        # At least a microsecond (the clock's resolution): a bucket a float rounding short of
+        # a token asks for a wait that would otherwise leave the clock, and the bucket, as is.
+        wait = timedelta(microseconds=max(1, round(secs * 1e6)))
+        self.call_at(self.broker.clock.now() + wait, fun, args, priority)
 
     def _sweep(self, channel: Any) -> None:
         """The redis transport's visibility sweep, as of its latest run up to now."""
@@ -212,13 +284,14 @@ class _Consumer:
     def wait_for_work(self) -> bool:
         """Move the clock to the next thing a waiting worker would see; False if there is none.
 
-        That is the earliest held ETA (whose messages become ready) or the redis visibility
+        That is the earliest held ETA or rate-limit wait (whose messages may become ready:
+        Celery's own code decides, at that moment) or the redis visibility
         sweep that gives back what a lost connection left unacknowledged, unless a scheduled
         outage begins first: a real worker notices a lost connection while it waits. The
         caller polls the broker again after the wait, and sees the outage there.
         """
         clock = self.broker.clock
-        wake = [self.held[0].eta] if self.held else []
+        wake = [self.held[0].due] if self.held else []
         restore = self._next_restore()
         if restore is not None:
             wake.append(clock.now() + timedelta(seconds=restore - clock.elapsed))
@@ -229,8 +302,9 @@ class _Consumer:
         if outage is not None:
             due = min(due, clock.now() + timedelta(seconds=outage - clock.elapsed))
         clock.advance_to(due)
-        while self.held and self.held[0].eta <= due:
-            self.ready.append(heapq.heappop(self.held).request)
+        while self.held and self.held[0].due <= due:
+            entry = heapq.heappop(self.held)
+            entry.fire(*entry.args)
         return True
 
 
@@ -373,6 +447,7 @@ class RetryWorker:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, limit))
             self._execute(request, run, installed.broker)
+            self._record_rate_limit(run.attempts[-1], request, consumer)
 
     def _finished(self, task_id: str) -> bool:
         """A task is over once an attempt ended without scheduling another one."""
@@ -430,6 +505,15 @@ class RetryWorker:
         if attempt.outcome == "rejected" and not attempt.retry_published:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
+
+    @staticmethod
+    def _record_rate_limit(attempt: Attempt, request: Any, consumer: _Consumer) -> None:
+        held = consumer.rate_limit_hold(request)
+        if not held:
+            return
+        attempt.rate_limit_hold = held
+        note = f"held {round(held, 3):g} s by rate_limit={request.task.rate_limit!r}"
+        attempt.note = f"{note}; {attempt.note}" if attempt.note else note
 
     @staticmethod
     def _record_crash(
