@@ -43,6 +43,9 @@ from tests.conftest import make_app
 # message's ETA minus the moment it was published, a few milliseconds after Celery took the
 # time it added the countdown to. Every countdown below is a multiple of 0.1 s.
 COUNTDOWN_DIGITS = 1
+# Attempt start times (in cases that compare them) likewise: the real worker's timer fires a
+# few milliseconds late, and every time compared is a multiple of 0.1 s.
+START_DIGITS = 1
 # How long the real worker may take for one case before the test gives up on it.
 REAL_RUN_TIMEOUT = 30.0
 # The real worker's idle cycle. Celery's synloop checks its shutdown flag once per cycle, and
@@ -154,6 +157,25 @@ def countdown_with_a_third_attempt(app: Any) -> Any:
     return task
 
 
+def rate_limited(rate_limit: str, countdown: float, **config: Any) -> Callable[[Any], Any]:
+    """A task with ``rate_limit`` retrying twice after ``countdown``, on an app with ``config``."""
+
+    def define(app: Any) -> Any:
+        app.conf.update(config)
+
+        @app.task(
+            name="fidelity.rate", bind=True, shared=False, max_retries=2, rate_limit=rate_limit
+        )
+        def task(self: Any) -> str:
+            if self.request.retries < 2:
+                raise self.retry(countdown=countdown)
+            return "done"
+
+        return task
+
+    return define
+
+
 @dataclass(frozen=True)
 class Outage:
     """The broker refuses ``refusals`` publishes, starting with retry number ``retry``'s."""
@@ -171,6 +193,8 @@ class Case:
     # the real worker does not.
     jitter_caps: tuple[float, ...] | None = None
     outage: Outage | None = None
+    # Compare when each attempt started (after the first), not only what was asked for.
+    timed: bool = False
 
 
 CASES = [
@@ -188,6 +212,15 @@ CASES = [
     # asked for the retry: the task is lost.
     Case("outage-absorbed", countdown_with_a_third_attempt, outage=Outage(retry=2, refusals=1)),
     Case("outage-task-lost", countdown_with_a_third_attempt, outage=Outage(retry=2, refusals=4)),
+    # The worker's token bucket holds retries back, ETA retries too: 0, 1, 2 s at 1/s.
+    Case("rate-limit", rate_limited("1/s", 0), timed=True),
+    Case("rate-limit-eta", rate_limited("1/s", 0.2), timed=True),
+    Case("rate-limit-eta-then-bucket", rate_limited("2/s", 0.3), timed=True),
+    Case(
+        "rate-limits-disabled",
+        rate_limited("1/s", 0, worker_disable_rate_limits=True),
+        timed=True,
+    ),
 ]
 
 
@@ -220,6 +253,7 @@ class Record:
     lost: bool  # rejected without a retry on the broker: nobody will run the task again
     left_on_broker: int
     refused_publishes: int  # proof that an outage case did meet its outage
+    starts: tuple[float, ...] | None  # of each attempt after the first (timed cases only)
 
 
 def describe(exc: BaseException | None) -> str:
@@ -240,6 +274,12 @@ def countdowns(values: list[float], case: Case) -> tuple[float | str, ...]:
     # In bounds, a jittered countdown compares as its bounds; out of bounds, as itself.
     caps = list(case.jitter_caps) + [0.0] * (len(rounded) - len(case.jitter_caps))
     return tuple(f"0..{cap:g}" if 0 <= value <= cap else value for value, cap in zip(rounded, caps))
+
+
+def attempt_starts(times: list[float], case: Case) -> tuple[float, ...] | None:
+    if not case.timed:
+        return None
+    return tuple(round(t - times[0], START_DIGITS) for t in times)
 
 
 def message_record(
@@ -273,6 +313,7 @@ def virtual_record(case: Case, app: Any, task: Any, retry_worker: Any, broker: A
         lost=run.lost,
         left_on_broker=sum(broker.pending(queue) for queue in broker.queues),
         refused_publishes=sum(1 for op in broker.publish_attempts if not op.ok),
+        starts=attempt_starts([a.t for a in run.attempts], case),
     )
 
 
@@ -281,7 +322,7 @@ def virtual_record(case: Case, app: Any, task: Any, retry_worker: Any, broker: A
 class RealAttempt:
     retries: int
     args: tuple[Any, ...]
-    started: float = field(default_factory=time.monotonic)  # for a failure message's eyes
+    started: float = field(default_factory=time.monotonic)
     state: str = "STARTED"
     raised: BaseException | None = None
     retry_reason: BaseException | None = None
@@ -415,6 +456,7 @@ class SignalRecorder:
             lost=last is not None and last.state == "REJECTED" and left_on_broker == 0,
             left_on_broker=left_on_broker,
             refused_publishes=refused,
+            starts=attempt_starts([a.started for a in self.attempts], case),
         )
 
 
