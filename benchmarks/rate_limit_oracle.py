@@ -7,6 +7,17 @@ Run from the repository root (about 30 s of real time):
 Each case runs on Celery's own test worker (``start_worker``: solo pool, memory transport
 polled every 0.05 s) and prints when each attempt started, in seconds after the first
 attempt, per task. tests/test_rate_limit.py pins the plugin to these figures.
+
+Measured with Celery 5.7.0 / kombu 5.7.0 (2026-11-26):
+
+    1/s, countdown=0: attempts at [[0.0, 1.0, 2.0, 3.0]]
+    1/s, countdown=0.2: attempts at [[0.0, 1.0, 2.0]]
+    2/s, countdown=0: attempts at [[0.0, 0.5, 1.0, 1.5]]
+    30/m, countdown=0: attempts at [[0.0, 2.0, 4.0]]
+    1/s, countdown=1.5: attempts at [[0.0, 1.5, 3.0]]
+    0.5/s, countdown=1.5: attempts at [[0.0, 2.0, 4.0]]
+    1/s, countdown=0, 3 tasks at once: attempts at [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+    1/s, countdown=0, worker_disable_rate_limits: attempts at [[0.0, 0.0, 0.01, 0.01]]
 """
 
 from __future__ import annotations
