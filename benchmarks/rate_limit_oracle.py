@@ -18,6 +18,10 @@ Measured with Celery 5.7.0 / kombu 5.7.0 (2026-11-26):
     0.5/s, countdown=1.5: attempts at [[0.0, 2.0, 4.0]]
     1/s, countdown=0, 3 tasks at once: attempts at [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     1/s, countdown=0, worker_disable_rate_limits: attempts at [[0.0, 0.0, 0.01, 0.01]]
+
+and, by hand, six "1/s" tasks without retries published before a task without a rate limit:
+that task started 2.06, 4.08, 5.08 and 0.06 s after publishing with worker_prefetch_multiplier
+4 (the default), 2, 1 and 0 (the rate-limited ones at 0.05, 1.05, ..., 5.05 s).
 """
 
 from __future__ import annotations

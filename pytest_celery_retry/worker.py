@@ -206,7 +206,7 @@ class _Consumer:
         self._sweep(channel)
         now = self.broker.clock.now()
         for queue in list(self.broker.queues):
-            while True:
+            while self._can_reserve():
                 message = channel.basic_get(queue, no_ack=False)
                 if message is None:
                     break
@@ -217,6 +217,18 @@ class _Consumer:
                     self.call_at(eta, self._admit, (request,), priority=6)
                 else:
                     self._admit(request)
+
+    def _can_reserve(self) -> bool:
+        """Whether the worker's prefetch limit lets it take another message from the broker.
+
+        The limit is worker_prefetch_multiplier x concurrency (1 here) unacknowledged
+        messages. Celery raises it for each ETA message it holds, so those do not count, but
+        messages waiting for their rate limit do: a rate-limited backlog keeps a real worker
+        from fetching other tasks, and so it does here.
+        """
+        limit = self.app.conf.worker_prefetch_multiplier
+        waiting = sum(len(bucket.contents) for bucket in self.task_buckets.values() if bucket)
+        return not limit or len(self.ready) + waiting < limit
 
     def _admit(self, request: Any) -> None:
         """Let a due request go to the pool, through its task's rate limit if it has one."""

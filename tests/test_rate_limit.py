@@ -130,3 +130,26 @@ def test_a_lost_connection_drops_what_the_bucket_held(
         [0, 2.5], abs=CLOCK_RESOLUTION
     )
     assert all(len(run.attempts) == 1 for run in runs.values())
+
+
+@pytest.mark.parametrize(("multiplier", "measured"), [(4, 2), (2, 4), (1, 5), (0, 0)])
+def test_a_rate_limited_backlog_fills_the_prefetch_limit(
+    app: Any, flaky_broker: Any, retry_worker: Any, multiplier: int, measured: float
+) -> None:
+    # Measured on a real solo worker: six "1/s" tasks published before a free one hold
+    # worker_prefetch_multiplier messages; the free task is fetched only when a slot frees.
+    app.conf.worker_prefetch_multiplier = multiplier
+    limited = limited_task(app, "1/s", 0, 0)
+
+    @app.task(name="free", shared=False)
+    def free() -> None:
+        pass
+
+    for _ in range(6):
+        limited.delay()
+    free_id = free.delay().id
+    retry_worker.run_until_idle()
+    assert starts(retry_worker.runs[free_id]) == pytest.approx([measured], abs=CLOCK_RESOLUTION)
+    assert sorted(run.attempts[0].t for run in retry_worker.runs.values()) == pytest.approx(
+        sorted([0, 1, 2, 3, 4, 5, measured]), abs=CLOCK_RESOLUTION
+    )
