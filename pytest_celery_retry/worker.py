@@ -192,6 +192,7 @@ class _Consumer:
             if bucket:
                 bucket.clear_pending()
         self._limited_since.clear()
+        self._rate_limit_holds.clear()
         with self.broker.suspend_faults():
             self.connection.release()
         self.connection = self._connect()
