@@ -72,9 +72,14 @@ def broker_kind(url: str) -> str:
     return kind
 
 
-def _lists_several(url: str) -> bool:
-    """A kombu failover list: URLs joined by ';' (or ','), or several hosts in one netloc."""
-    return ";" in url or url.count("://") > 1 or "," in urlsplit(url).netloc
+def _lists_several(url: object) -> bool:
+    """A failover list: a list (Celery takes one), URLs joined by ';' (or ','), or hosts in
+    one netloc."""
+    if isinstance(url, (list, tuple)):
+        return True
+    return isinstance(url, str) and (
+        ";" in url or url.count("://") > 1 or "," in urlsplit(url).netloc
+    )
 
 
 class _Link:
@@ -108,7 +113,7 @@ class BrokerProxy:
     """
 
     def __init__(self, upstream_url: str, *, probe_timeout: float = 1.0) -> None:
-        if not isinstance(upstream_url, str) or _lists_several(upstream_url):
+        if _lists_several(upstream_url):
             raise UsageError(
                 f"broker URL {upstream_url!r} lists several brokers (failover), and the "
                 "connections to all but one would bypass the proxy: give it a single URL. To "
