@@ -36,11 +36,16 @@ from .records import (  # noqa: E402
 )
 
 if TYPE_CHECKING:
-    from .broker import InMemoryBroker
+    from .broker import BrokerDownError, InMemoryBroker
     from .proxy import BrokerProxy
     from .worker import RetryWorker
 
-_LAZY = {"BrokerProxy": "proxy", "InMemoryBroker": "broker", "RetryWorker": "worker"}
+_LAZY = {
+    "BrokerDownError": "broker",
+    "BrokerProxy": "proxy",
+    "InMemoryBroker": "broker",
+    "RetryWorker": "worker",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +59,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Attempt",
+    "BrokerDownError",
     "BrokerOperation",
     "BrokerProxy",
     "CeleryRetryError",

@@ -6,9 +6,10 @@ because a retry bug is rarely visible in one number.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from .errors import UsageError, is_finite_number, is_whole_number
 from .records import PublishRecord, TaskRun
 
 __tracebackhide__ = True
@@ -22,15 +23,38 @@ def _fail(headline: str, timeline: str) -> None:
 def _check_run(run: Any) -> TaskRun:
     if not isinstance(run, TaskRun):
         raise TypeError(
-            f"expected the TaskRun returned by retry_worker.apply(), got {type(run).__name__}"
+            "expected the TaskRun returned by retry_worker.apply() or retry_worker.run(task_id), "
+            f"got {type(run).__name__}"
         )
     return run
+
+
+def _check_tolerance(call: str, tolerance: Any) -> float:
+    if not is_finite_number(tolerance) or tolerance < 0:
+        raise UsageError(
+            f"{call}(tolerance={tolerance!r}): a tolerance is a number of seconds >= 0"
+        )
+    return float(tolerance)
+
+
+def _seconds(call: str, name: str, values: Any, example: str) -> list[float]:
+    """A list of finite numbers of seconds, or a UsageError that shows one."""
+    if isinstance(values, Iterable) and not isinstance(values, (str, bytes)):
+        values = list(values)
+        if all(is_finite_number(value) for value in values):
+            return [float(value) for value in values]
+    raise UsageError(f"{call}({name}={values!r}): give a list of seconds, e.g. {example}")
 
 
 def assert_retried(run: TaskRun, times: int) -> None:
     """The task scheduled exactly ``times`` retries."""
     __tracebackhide__ = True
     run = _check_run(run)
+    if not is_whole_number(times) or times < 0:
+        raise UsageError(
+            f"assert_retried(run, times={times!r}): times is how many retries, a whole number "
+            ">= 0, e.g. assert_retried(run, 3)"
+        )
     if run.retries != times:
         _fail(
             f"expected {run.task_name} to retry {times} time(s), it retried {run.retries} "
@@ -67,11 +91,10 @@ def assert_backoff(
     run = _check_run(run)
     if (expected is None) == (jitter is None):
         raise TypeError("assert_backoff() takes the expected countdowns or jitter=[caps], not both")
-    if tolerance < 0:
-        raise ValueError(f"tolerance={tolerance!r}: a tolerance is a number of seconds >= 0")
+    tolerance = _check_tolerance("assert_backoff", tolerance)
     actual = run.countdowns
     if jitter is not None:
-        caps = [float(c) for c in jitter]
+        caps = _seconds("assert_backoff", "jitter", jitter, "jitter=[1, 2, 4]")
         bad = [
             i
             for i, (value, cap) in enumerate(zip(actual, caps))
@@ -85,7 +108,7 @@ def assert_backoff(
                 run.timeline(),
             )
         return
-    wanted = [float(x) for x in expected or ()]
+    wanted = _seconds("assert_backoff", "expected", expected, "[1, 3, 9]")
     same = len(actual) == len(wanted) and all(
         abs(a - w) <= tolerance for a, w in zip(actual, wanted)
     )
@@ -118,20 +141,41 @@ def assert_publish_retries(
 ) -> None:
     """The publish (default: the most recent one) took ``attempts`` tries ``intervals`` apart."""
     __tracebackhide__ = True
+    if not hasattr(broker, "publishes"):
+        raise TypeError(
+            "assert_publish_retries() checks the broker's publishes: pass flaky_broker (or a "
+            f"BrokerProxy), got {type(broker).__name__}. For a task's retries use "
+            "assert_retried(run, n) or assert_backoff(run, [...])"
+        )
+    if attempts is not None and (not is_whole_number(attempts) or attempts < 1):
+        raise UsageError(
+            f"assert_publish_retries(attempts={attempts!r}): the number of tries, a whole "
+            "number >= 1"
+        )
+    wanted = None
+    if intervals is not None:
+        wanted = _seconds("assert_publish_retries", "intervals", intervals, "intervals=[3, 4]")
+    if delivered is not None and not isinstance(delivered, bool):
+        raise UsageError(f"assert_publish_retries(delivered={delivered!r}): True or False")
+    tolerance = _check_tolerance("assert_publish_retries", tolerance)
+    if not is_whole_number(publish):
+        raise UsageError(
+            f"assert_publish_retries(publish={publish!r}): the index of the publish, e.g. 0 "
+            "for the first, -1 (the default) for the most recent"
+        )
     publishes: list[PublishRecord] = list(broker.publishes)
     if not publishes:
         _fail("expected a publish, the broker saw none", broker.timeline())
-    try:
-        record = publishes[publish]
-    except IndexError:
-        raise IndexError(
-            f"publish={publish}: the broker saw {len(publishes)} publish(es)"
-        ) from None
+    if not -len(publishes) <= publish < len(publishes):
+        raise UsageError(
+            f"assert_publish_retries(publish={publish}): the broker saw {len(publishes)} "
+            f"publish(es), so publish= goes from {-len(publishes)} to {len(publishes) - 1}"
+        )
+    record = publishes[publish]
     problems = []
     if attempts is not None and record.attempts != attempts:
         problems.append(f"expected {attempts} attempt(s), recorded {record.attempts}")
-    if intervals is not None:
-        wanted = [float(x) for x in intervals]
+    if wanted is not None:
         got = record.intervals
         if len(got) != len(wanted) or any(abs(a - w) > tolerance for a, w in zip(got, wanted)):
             problems.append(f"expected intervals {_fmt(wanted)}, recorded {_fmt(got)}")

@@ -24,13 +24,21 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any
+from urllib.parse import urlsplit
 
 import kombu.transport as kombu_transport
 from kombu import serialization
+from kombu.exceptions import OperationalError
 from kombu.transport import TRANSPORT_ALIASES, memory, virtual
 
 from .clock import VirtualClock
-from .errors import UsageError, is_number, is_whole_number
+from .errors import (
+    CeleryRetryError,
+    ConfigurationError,
+    UsageError,
+    is_finite_number,
+    is_whole_number,
+)
 from .records import (
     BrokerOperation,
     DeliveredMessage,
@@ -43,6 +51,7 @@ from .records import (
 
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
 FLAVORS = ("pyamqp", "redis")
+_DEFAULT_PORTS = {"pyamqp": 5672, "redis": 6379}
 _FLAVOR_OF_SCHEME = {
     "amqp": "pyamqp",
     "amqps": "pyamqp",
@@ -62,6 +71,14 @@ _broker_ids = itertools.count(1)
 _pending_publish: dict[str, Any] = {"seq": 0, "task_id": None, "task_name": None}
 
 
+class BrokerDownError(CeleryRetryError, OperationalError):
+    """The worker needs the simulated broker, which is down with nothing to bring it back.
+
+    It is also kombu's ``OperationalError``, which a real worker's consumer ends with once
+    ``broker_connection_max_retries`` reconnects have failed.
+    """
+
+
 def flavor_for_url(url: str | None) -> str:
     """The fault flavour matching a broker URL's transport (pyamqp, Celery's default, otherwise)."""
     scheme = (url or "").split("://", 1)[0].split("+", 1)[-1].lower()
@@ -70,35 +87,56 @@ def flavor_for_url(url: str | None) -> str:
 
 def _real_transport(flavor: str) -> type:
     if flavor == "redis":
+        # kombu's redis transport imports without redis-py and then fails defining its client
+        # classes (AttributeError); its error classes are redis-py's, so there is no stand-in.
         try:
-            from kombu.transport import redis as redis_transport
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise UsageError("flavor='redis' needs the redis package: pip install redis") from exc
+            import redis  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError(
+                "the redis flavour of the in-memory broker (a redis:// broker URL, or "
+                "celery_retry_flavor='redis') raises and declares redis-py's errors, as kombu's "
+                'redis transport does, but redis-py is not installed: pip install "pytest-celery-'
+                'retry[redis]" (or choose the pyamqp flavour with celery_retry_flavor)'
+            ) from exc
+        from kombu.transport import redis as redis_transport
+
         return redis_transport.Transport
     from kombu.transport import pyamqp
 
     return pyamqp.Transport
 
 
-def _default_error(flavor: str, kind: OperationKind) -> BaseException:
-    """What the real transport raises when the broker refuses or drops the connection."""
+def broker_address(url: str | None, flavor: str) -> str:
+    """``host:port`` of the (first) broker in ``url``, with the flavour's default port."""
+    parts = urlsplit((url or "").split(";", 1)[0])
+    try:
+        port = parts.port
+    except ValueError:  # not a port number: the real client would fail on it, not us
+        port = None
+    return f"{parts.hostname or 'localhost'}:{port or _DEFAULT_PORTS[flavor]}"
+
+
+def _default_error(flavor: str, kind: OperationKind, address: str) -> BaseException:
+    """What the real transport raises when the broker at ``address`` refuses or drops it.
+
+    redis-py names the address it could not reach; py-amqp raises the bare socket error
+    (measured: ``ConnectionRefusedError(111, 'Connection refused')``), so that one does not.
+    """
     if flavor == "redis":
         from redis.exceptions import ConnectionError as RedisConnectionError
 
         if kind == "connect":
-            return RedisConnectionError(
-                "Error 111 connecting to 127.0.0.1:6379. Connection refused."
-            )
+            return RedisConnectionError(f"Error 111 connecting to {address}. Connection refused.")
         return RedisConnectionError("Connection closed by server.")
     if kind == "connect":
         return ConnectionRefusedError(111, "Connection refused")
     return ConnectionResetError(104, "Connection reset by peer")
 
 
-def _closed_by_broker_error(flavor: str) -> BaseException:
+def _closed_by_broker_error(flavor: str, address: str) -> BaseException:
     """What the real transport raises on a connection the broker closed while it was away."""
     if flavor == "redis":
-        return _default_error(flavor, "consume")
+        return _default_error(flavor, "consume", address)
     # py-amqp, measured through the fault proxy after a 0.5 s cut (tests/test_real_brokers.py).
     return OSError("Server unexpectedly closed connection")
 
@@ -327,11 +365,20 @@ class InMemoryBroker:
     every connection the app makes, producer or worker, goes through it.
     """
 
-    def __init__(self, clock: VirtualClock, flavor: str = "pyamqp", seed: int = 0) -> None:
+    def __init__(
+        self,
+        clock: VirtualClock,
+        flavor: str = "pyamqp",
+        seed: int = 0,
+        *,
+        replaces: str | None = None,
+    ) -> None:
         transport_for(flavor)  # validates the flavour and registers its URL scheme
         self.clock = clock
         self.flavor = flavor
         self.seed = seed
+        # The broker the app was configured with: simulated errors name it as the client would.
+        self.address = broker_address(replaces, flavor)
         self.name = f"broker-{next(_broker_ids)}"
         self.url = f"celery-retry-{flavor}://{self.name}/"
         self.queues: dict[str, Queue[Any]] = {}
@@ -346,6 +393,7 @@ class InMemoryBroker:
         self.unacked: list[tuple[float, Any]] = []
         self._faults: list[_Fault] = []
         self._down = False
+        self._down_since = 0.0  # when down() began, for BrokerDownError
         self._down_from = 0.0
         self._down_until: float | None = None
         # When each down() or outage() began (or begins): it cuts the connections open then.
@@ -385,13 +433,20 @@ class InMemoryBroker:
         exc: BaseException | type[BaseException] | None = None,
     ) -> None:
         """Fail each operation of kind ``on`` with probability ``rate``, reproducibly."""
-        if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        if not is_finite_number(rate) or not 0 <= rate <= 1:
             raise UsageError(f"fail_randomly(rate={rate!r}): rate is a probability from 0 to 1")
+        if seed is not None and not is_whole_number(seed):
+            raise UsageError(
+                f"fail_randomly(seed={seed!r}): the seed is a whole number (or None for the "
+                "run's --celery-retry-seed)"
+            )
         rng = random.Random(self.seed if seed is None else seed)
         self._faults.append(_Fault(_kinds(on), None, 0, _error_factory(exc), rate, rng))
 
     def down(self) -> None:
         """Refuse every operation until :meth:`up`; open connections are cut."""
+        if not self._down:
+            self._down_since = self.clock.elapsed
         self._down = True
         self._outage_starts.append(self._moment())
 
@@ -403,11 +458,12 @@ class InMemoryBroker:
 
     def outage(self, seconds: float, starting_in: float = 0) -> None:
         """Be down for ``seconds`` of virtual time, from now or ``starting_in`` seconds from now."""
-        if not is_number(seconds) or seconds <= 0:
+        if not is_finite_number(seconds) or seconds <= 0:
             raise UsageError(
-                f"outage(seconds={seconds!r}): an outage lasts a positive number of virtual seconds"
+                f"outage(seconds={seconds!r}): an outage lasts a positive, finite number of "
+                "virtual seconds (down() is a broker that stays down)"
             )
-        if not is_number(starting_in) or starting_in < 0:
+        if not is_finite_number(starting_in) or starting_in < 0:
             raise UsageError(
                 f"outage(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
             )
@@ -495,8 +551,24 @@ class InMemoryBroker:
     ) -> None:
         error = self._error_for(kind, transport)
         self._record(kind, transport.role, error, queue)
-        if error is not None:
-            raise error
+        if error is None:
+            return
+        if kind == "connect" and transport.role == "consumer" and self._down:
+            # Celery's consumer would retry broker_connection_max_retries times (100 log lines,
+            # or forever with None) while the test, waiting in the worker, cannot call up().
+            raise BrokerDownError(self._down_for_good()) from error
+        raise error
+
+    def _down_for_good(self) -> str:
+        return (
+            f"the simulated broker is still down: flaky_broker.down() at "
+            f"t={format_seconds(self._down_since)} was never followed by up(), so the worker "
+            "cannot connect, and nothing brings the broker back while the worker runs (a real "
+            "worker's consumer would retry broker_connection_max_retries times, then fail with "
+            "OperationalError). Call flaky_broker.up() before running the worker, or use "
+            "flaky_broker.outage(seconds=...) for a broker that comes back by itself.\n\n"
+            f"{self.timeline()}"
+        )
 
     def _check_consume(self, transport: _Transport, queue: str) -> None:
         # Polling an empty queue is not worth a record; a failure is.
@@ -540,7 +612,7 @@ class InMemoryBroker:
                 transport.opened_at = now  # the producer's client reconnected
             # A worker's ack goes over its own pooled connection; its reading one stays cut.
             return None
-        return _closed_by_broker_error(self.flavor)
+        return _closed_by_broker_error(self.flavor, self.address)
 
     def restore_visible(self, channel: Any, delivered_by: float) -> int:
         """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.
@@ -565,10 +637,12 @@ class InMemoryBroker:
         if self._suspended:
             return None
         if self.is_down:
-            return _default_error(self.flavor, kind)
+            return _default_error(self.flavor, kind, self.address)
         for fault in self._faults:
             if fault.fires(kind):
-                return fault.error(kind) if fault.error else _default_error(self.flavor, kind)
+                if fault.error is not None:
+                    return fault.error(kind)
+                return _default_error(self.flavor, kind, self.address)
         return None
 
     def _record(
@@ -637,7 +711,10 @@ def announce_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
 
 
 def _kinds(on: str | Iterable[str]) -> frozenset[str]:
-    kinds = frozenset([on] if isinstance(on, str) else on)
+    try:
+        kinds = frozenset([on] if isinstance(on, str) else on)
+    except TypeError:  # not iterable (None), or a list of lists: not kinds either way
+        kinds = frozenset()
     unknown = kinds - set(OPERATIONS)
     if unknown or not kinds:
         raise UsageError(

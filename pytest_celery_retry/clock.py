@@ -15,12 +15,15 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, is_finite_number
 
 _REAL_SLEEP = time.sleep
 # Only the libraries whose retry loops we drive: patching every module's ``sleep`` would also
 # make user code and other plugins stop waiting, which is not ours to decide.
 _SLEEP_PATCH_PREFIXES = ("kombu.", "celery.")
+# The end of virtual time. datetime stops at the end of 9999, and Celery converts ETAs between
+# time zones, which must not overflow either: a year's margin is plenty and easy to name.
+LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc)
 
 
 class VirtualClock:
@@ -87,14 +90,29 @@ class VirtualClock:
     # -- moving ----------------------------------------------------------------------------
     def advance(self, seconds: float) -> None:
         """Move virtual time forward by ``seconds`` (instantly)."""
+        if not is_finite_number(seconds):
+            raise UsageError(
+                f"advance({seconds!r}): give a finite number of virtual seconds, e.g. advance(10)"
+            )
         if seconds < 0:
             raise UsageError(
                 f"cannot move the virtual clock backwards by {seconds!r} s: "
                 "virtual time only moves forward (pass a positive number of seconds)"
             )
         self._require_running()
-        if seconds:
-            self._frozen.tick(timedelta(seconds=seconds))
+        if not seconds:
+            return
+        left = self.seconds_left()
+        if seconds > left:
+            raise UsageError(
+                f"advance({seconds!r}): the virtual clock stops at {LATEST:%Y-%m-%d}, "
+                f"{left:.0f} s from now (a datetime ends with the year 9999)"
+            )
+        self._frozen.tick(timedelta(seconds=seconds))
+
+    def seconds_left(self) -> float:
+        """How far the clock can still move: up to :data:`LATEST`."""
+        return (LATEST - self.now()).total_seconds()
 
     def advance_to(self, when: datetime) -> None:
         """Move virtual time forward to ``when``; a moment already past is a no-op."""

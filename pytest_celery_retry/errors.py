@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import cast
+
 
 class CeleryRetryError(Exception):
     """Base class of every error raised by pytest-celery-retry itself."""
@@ -26,3 +29,8 @@ def is_number(value: object) -> bool:
 
 def is_whole_number(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """A number that is neither NaN nor infinite: NaN compares false with every bound."""
+    return is_number(value) and math.isfinite(cast(float, value))

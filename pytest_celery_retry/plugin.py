@@ -219,7 +219,24 @@ def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
             f"@pytest.mark.broker_outage: unknown argument(s) {', '.join(sorted(unknown))}; "
             f"it takes {', '.join(sorted(_OUTAGE_KEYS))}"
         )
-    chosen = [key for key in ("fail_next", "seconds", "down") if marker.kwargs.get(key)]
+    down = marker.kwargs.get("down", False)
+    if not isinstance(down, bool):
+        raise UsageError(
+            f"@pytest.mark.broker_outage(down={down!r}): down takes True (down until "
+            "flaky_broker.up()) or False"
+        )
+    flavor = marker.kwargs.get("flavor")
+    if flavor is not None:
+        from .broker import FLAVORS
+
+        if flavor not in FLAVORS:
+            raise UsageError(
+                f"@pytest.mark.broker_outage(flavor={flavor!r}): choose one of "
+                f"{', '.join(map(repr, FLAVORS))}, or leave it out for the app's broker URL's"
+            )
+    # Present counts, not truthy: seconds=0 is a mistake to report, not an absent option.
+    chosen = [key for key in ("fail_next", "seconds") if key in marker.kwargs]
+    chosen += ["down"] if down else []
     if len(chosen) > 1:
         raise UsageError(
             f"@pytest.mark.broker_outage: give one of fail_next=, seconds= or down=True, "
@@ -231,12 +248,17 @@ def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
 
 
 def _apply_outage(broker: InMemoryBroker, options: dict[str, Any]) -> None:
-    if "fail_next" in options:
-        broker.fail_next(options["fail_next"], on=options.get("on", "connect"))
-    elif "seconds" in options:
-        broker.outage(options["seconds"])
-    elif options.get("down"):
-        broker.down()
+    # The broker checks the values (one rule for the marker and the methods); the marker is
+    # named, since the traceback of a set-up error points into the plugin.
+    try:
+        if "fail_next" in options:
+            broker.fail_next(options["fail_next"], on=options.get("on", "connect"))
+        elif "seconds" in options:
+            broker.outage(options["seconds"])
+        elif options.get("down"):
+            broker.down()
+    except UsageError as exc:
+        raise UsageError(f"@pytest.mark.broker_outage: {exc}") from None
 
 
 @pytest.fixture

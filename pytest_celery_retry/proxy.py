@@ -72,6 +72,16 @@ def broker_kind(url: str) -> str:
     return kind
 
 
+def _lists_several(url: object) -> bool:
+    """A failover list: a list (Celery takes one), URLs joined by ';' (or ','), or hosts in
+    one netloc."""
+    if isinstance(url, (list, tuple)):
+        return True
+    return isinstance(url, str) and (
+        ";" in url or url.count("://") > 1 or "," in urlsplit(url).netloc
+    )
+
+
 class _Link:
     """One proxied connection: the client's socket and, unless blackholed, the broker's."""
 
@@ -103,11 +113,16 @@ class BrokerProxy:
     """
 
     def __init__(self, upstream_url: str, *, probe_timeout: float = 1.0) -> None:
+        if _lists_several(upstream_url):
+            raise UsageError(
+                f"broker URL {upstream_url!r} lists several brokers (failover), and the "
+                "connections to all but one would bypass the proxy: give it a single URL. To "
+                "test failover, put one BrokerProxy in front of each host and point the app at "
+                "';'.join(proxy.url for proxy in proxies)"
+            )
         self.upstream_url = upstream_url
         self.kind = broker_kind(upstream_url)
         self._parts = urlsplit(upstream_url)
-        if ";" in upstream_url or "," in self._parts.netloc:
-            raise UsageError(f"broker URL {upstream_url!r}: give the proxy a single broker URL")
         self.upstream_host = self._parts.hostname or "127.0.0.1"
         self.upstream_port = self._parts.port or _DEFAULT_PORTS[self._parts.scheme.lower()]
         self.probe_timeout = probe_timeout

@@ -65,7 +65,10 @@ class RetrySession:
         patch = AppPatch(app)
         try:
             broker = InMemoryBroker(
-                self.clock, flavor or flavor_for_url(app.conf.broker_url), self.settings.seed
+                self.clock,
+                flavor or flavor_for_url(app.conf.broker_url),
+                self.settings.seed,
+                replaces=app.conf.broker_url,
             )
             patch.install_broker(broker.url)
             # A worker republishing a retry must not run it eagerly: that is the recursion

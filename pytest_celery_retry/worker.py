@@ -35,7 +35,8 @@ from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
-from .errors import EndlessRetryError, UsageError, is_number, is_whole_number
+from .clock import LATEST
+from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun
 from .session import AppInstallation, RetrySession
 
@@ -703,13 +704,21 @@ class RetryWorker:
     def _check_schedule(self, options: dict[str, Any]) -> None:
         """A first message scheduled in the past would run at once in Celery: say so instead."""
         countdown = options.get("countdown")
-        if countdown is not None and not is_number(countdown):
-            raise UsageError(f"countdown={countdown!r}: give a number of seconds, e.g. 10")
+        if countdown is not None:
+            self._check_seconds_ahead("countdown", countdown)
         if countdown is not None and countdown < 0:
             raise UsageError(
                 f"countdown={countdown!r} is negative: Celery would run the task at once. "
                 "Give 0 or more seconds"
             )
+        expires = options.get("expires")
+        if expires is not None and not isinstance(expires, datetime):
+            if not is_number(expires):
+                raise UsageError(
+                    f"expires={expires!r}: give seconds from now (a number) or a datetime, "
+                    "as Celery's apply_async takes"
+                )
+            self._check_seconds_ahead("expires", expires)
         eta = options.get("eta")
         if eta is None:
             return
@@ -722,6 +731,19 @@ class RetryWorker:
                 f"eta={eta.isoformat()} is {(now - when).total_seconds():g} s before the "
                 f"virtual clock's now ({now.isoformat()}): Celery would run the task at once. "
                 "Build etas from retry_worker.clock.now(), or use countdown="
+            )
+
+    def _check_seconds_ahead(self, option: str, seconds: Any) -> None:
+        """Seconds from now that Celery turns into a datetime: finite, and within datetime."""
+        if not is_finite_number(seconds):
+            raise UsageError(
+                f"{option}={seconds!r}: give a number of seconds, e.g. 10 (not NaN or infinity)"
+            )
+        left = self.clock.seconds_left()
+        if seconds > left:
+            raise UsageError(
+                f"{option}={seconds!r} s lands after {LATEST:%Y-%m-%d}, the end of virtual time "
+                f"(a datetime ends with the year 9999): give at most {left:.0f} s"
             )
 
     def _endless_message(self, run: TaskRun, limit: int) -> str:
