@@ -35,7 +35,7 @@ from kombu.utils.uuid import uuid
 from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
 from .errors import EndlessRetryError, UsageError, is_number, is_whole_number
-from .records import Attempt, AttemptOutcome, TaskRun
+from .records import Attempt, AttemptOutcome, TaskRun, parse_eta
 from .session import AppInstallation, RetrySession
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
@@ -422,9 +422,13 @@ class RetryWorker:
         for message in broker.messages(queue=None, since=deliveries_before):
             if message.task_id == run.task_id:
                 attempt.retry_published = True
-                attempt.countdown = message.countdown if message.countdown is not None else 0.0
-                attempt.eta = (
-                    datetime.fromisoformat(message.eta) if message.eta is not None else None
+                # What the task asked for: its ETA from the start of this attempt, however long
+                # the publish took (the message's own countdown counts from its delivery).
+                attempt.eta = parse_eta(message.eta) if message.eta is not None else None
+                attempt.countdown = (
+                    round((attempt.eta - attempt.started_at).total_seconds(), 6)
+                    if attempt.eta is not None
+                    else 0.0
                 )
                 break
         if attempt.outcome == "rejected" and not attempt.retry_published:
