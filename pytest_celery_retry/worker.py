@@ -22,6 +22,9 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import billiard
+import pytest
+from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from celery import _state, signals
 from celery.concurrency.base import BasePool, apply_target
@@ -35,7 +38,7 @@ from kombu.utils.uuid import uuid
 from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
 from .errors import EndlessRetryError, UsageError, is_number, is_whole_number
-from .records import Attempt, AttemptOutcome, TaskRun, parse_eta
+from .records import Attempt, AttemptOutcome, TaskRun, describe_exception, parse_eta
 from .session import AppInstallation, RetrySession
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
@@ -46,6 +49,12 @@ _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "IGNORED": "ignored",
 }
 _TIMELINE_TAIL = 8
+# Raised into a task body by the test run itself (Ctrl-C, pytest.fail, pytest-timeout):
+# they end the test, not the task, as they do everywhere in pytest.
+_TEST_RUN_EXCEPTIONS = (KeyboardInterrupt, pytest.fail.Exception, pytest.skip.Exception)
+# billiard 4.3 reports a job's BaseException as the job's result (then ends the child on
+# SystemExit); before, the exception ended the child and the pool reported WorkerLostError.
+_BILLIARD_REPORTS_BASE_EXCEPTIONS = tuple(billiard.VERSION[:2]) >= (4, 3)
 
 
 class ArgumentEncodeError(UsageError, EncodeError):
@@ -58,6 +67,10 @@ class _InlinePool(BasePool):
     It can also lose its "worker process" the way the prefork pool reports a killed child:
     the job was accepted, then the error callback gets ``WorkerLostError``. Celery's
     ``Request.on_failure`` then decides (ack, reject, requeue) as in production.
+
+    A task that raises a BaseException which is no Exception (``SystemExit``, a custom one)
+    is reported as the prefork pool reports it; the solo pool would hand it to the success
+    callback, and the worker would die of the ``TypeError``.
     """
 
     body_can_be_buffer = True
@@ -67,17 +80,45 @@ class _InlinePool(BasePool):
         self.on_apply = self._apply
         # The error the next job's "worker process" dies with, if it is to die.
         self.crash_next: WorkerLostError | None = None
+        # The BaseException the last job raised, if it raised one that is no Exception.
+        self.raised: BaseException | None = None
 
     def _apply(self, target: Any, *args: Any, **kwargs: Any) -> None:
         lost, self.crash_next = self.crash_next, None
-        if lost is None:
-            apply_target(target, *args, **kwargs)
+        self.raised = None
+        if lost is not None:
+            kwargs["accept_callback"](os.getpid(), time.monotonic())
+            _report_failure(kwargs, lost)
             return
-        kwargs["accept_callback"](os.getpid(), time.monotonic())
         try:
-            raise lost
-        except WorkerLostError:
-            kwargs["error_callback"](ExceptionInfo())
+            # Every exception comes back here, where the prefork child's loop would see it.
+            apply_target(target, *args, propagate=(BaseException,), **kwargs)
+        except (Exception, *_TEST_RUN_EXCEPTIONS):
+            raise
+        except BaseException as exc:
+            self.raised = exc
+            if _BILLIARD_REPORTS_BASE_EXCEPTIONS:
+                _report_failure(kwargs, exc)
+            else:
+                status = human_status(_exit_code(exc))
+                _report_failure(kwargs, WorkerLostError(f"Worker exited prematurely: {status}."))
+
+
+def _report_failure(job: dict[str, Any], exc: BaseException) -> None:
+    """Hand ``exc`` to the job's error callback, with its traceback, as billiard does."""
+    try:
+        raise exc
+    except BaseException:
+        job["error_callback"](ExceptionInfo())
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit status of a Python process that ``exc`` ended."""
+    if not isinstance(exc, SystemExit):
+        return 1
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
 
 
 @dataclass(order=True)
@@ -415,8 +456,11 @@ class RetryWorker:
             attempt.note = "revoked (expired or revoked before it ran)"
         finally:
             self._current = None
-        if crash is not None:
-            self._record_crash(attempt, crash, request, self.events[events_before:])
+        cause, self._pool.raised = crash or self._pool.raised, None
+        if cause is not None:
+            self._record_pool_failure(
+                attempt, cause, crash is not None, request, self.events[events_before:]
+            )
         if attempt.outcome is None:  # the tracer never ran: Celery's internal error path
             attempt.outcome = "failure"
         for message in broker.messages(queue=None, since=deliveries_before):
@@ -436,17 +480,39 @@ class RetryWorker:
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
 
     @staticmethod
-    def _record_crash(
-        attempt: Attempt, lost: WorkerLostError, request: Any, events: list[MessageEvent]
+    def _record_pool_failure(
+        attempt: Attempt,
+        cause: BaseException,
+        crashed: bool,
+        request: Any,
+        events: list[MessageEvent],
     ) -> None:
-        attempt.outcome, attempt.exc, attempt.raised = "worker-lost", lost, lost
+        """Record what Celery's ``Request.on_failure`` made of a job the pool reported failed.
+
+        ``cause`` is the simulated crash, or the BaseException the task body raised; the
+        task_failure signal told the attempt what Celery failed the task with, if it did.
+        """
+        reported = attempt.raised
         actions = {event.action for event in events if event.task_id == attempt.task_id}
-        if "requeued" in actions:
-            attempt.note = "worker lost; message requeued (acks_late, task_reject_on_worker_lost)"
-        elif not request.task.acks_late:
-            attempt.note = "worker lost; the message was acked before it ran: task not redelivered"
+        attempt.exc = cause
+        if not isinstance(reported, WorkerLostError) and "requeued" not in actions:
+            # The process lived on and Celery failed the task with the exception itself.
+            attempt.outcome, attempt.raised = "failure", cause
+            return
+        attempt.outcome = "worker-lost"
+        if reported is None:
+            attempt.raised = cause
+        if crashed:
+            lost, ran = "worker lost", "before it ran"
         else:
-            attempt.note = "worker lost; acks_late acked it as failed: task not redelivered"
+            lost = f"worker lost: {describe_exception(cause)} ends a prefork worker process"
+            ran = "when it was accepted"
+        if "requeued" in actions:
+            attempt.note = f"{lost}; message requeued (acks_late, reject_on_worker_lost)"
+        elif not request.task.acks_late:
+            attempt.note = f"{lost}; the message was acked {ran}: task not redelivered"
+        else:
+            attempt.note = f"{lost}; acks_late acked it as failed: task not redelivered"
 
     # -- Celery plumbing -------------------------------------------------------------------
     def _request_for(self, consumer: _Consumer, message: Any) -> Any:
@@ -534,16 +600,32 @@ class RetryWorker:
         if attempt is not None and task_id == attempt.task_id:
             attempt.args, attempt.kwargs = tuple(args or ()), dict(kwargs or {})
 
+    def _on_failure(
+        self, task_id: str | None = None, exception: BaseException | None = None, **_: Any
+    ) -> None:
+        # Also sent by Request.on_failure, after the tracer: what the task failed with when
+        # its pool reported it (WorkerLostError for a lost process).
+        attempt = self._current
+        if attempt is not None and task_id == attempt.task_id:
+            attempt.raised = exception
+
+    def _receivers(self) -> list[tuple[Any, Any]]:
+        return [
+            (signals.task_prerun, self._on_prerun),
+            (signals.task_postrun, self._on_postrun),
+            (signals.task_failure, self._on_failure),
+        ]
+
     def _connect_receivers(self) -> None:
         if not self._receiver_connected:
-            signals.task_prerun.connect(self._on_prerun, weak=False, dispatch_uid=id(self))
-            signals.task_postrun.connect(self._on_postrun, weak=False, dispatch_uid=id(self))
+            for signal, receiver in self._receivers():
+                signal.connect(receiver, weak=False, dispatch_uid=id(self))
             self._receiver_connected = True
 
     def _disconnect_receivers(self) -> None:
         if self._receiver_connected:
-            signals.task_prerun.disconnect(self._on_prerun, dispatch_uid=id(self))
-            signals.task_postrun.disconnect(self._on_postrun, dispatch_uid=id(self))
+            for signal, receiver in self._receivers():
+                signal.disconnect(receiver, dispatch_uid=id(self))
             self._receiver_connected = False
 
     @contextmanager

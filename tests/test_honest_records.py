@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from tests.conftest import SEED_POLICY, make_app
+import pytest
+from celery.exceptions import WorkerLostError
+
+from pytest_celery_retry import worker
+from tests.conftest import SEED_POLICY, actions
 
 
 def test_countdown_is_what_the_task_asked_even_when_the_publish_took_longer(
@@ -31,3 +35,143 @@ def test_countdown_is_what_the_task_asked_even_when_the_publish_took_longer(
     # The message's own countdown is measured from when the broker accepted it.
     assert [m.countdown for m in flaky_broker.messages() if m.retries == 1] == [-11]
     assert "countdown" in run.timeline() and "-11" not in run.timeline()
+
+
+class Custom(BaseException):
+    """A BaseException that is no Exception, as some libraries raise."""
+
+
+class TestBaseExceptionInATask:
+    """As a prefork worker reports it (measured with Celery 5.7 / billiard 4.3.2, pool="prefork",
+    concurrency=1): SystemExit ends the child, WorkerLostError('Worker exited prematurely:
+    exitcode 3.'), FAILURE (requeued with acks_late + reject_on_worker_lost); another
+    BaseException is the job's failure, FAILURE with it. (A solo worker dies of the TypeError.)
+    """
+
+    def test_system_exit_loses_the_worker_process(self, app, retry_worker):
+        @app.task(name="exits", shared=False)
+        def exits() -> None:
+            raise SystemExit(3)
+
+        run = retry_worker.apply(exits)
+
+        assert [a.outcome for a in run.attempts] == ["worker-lost"]
+        assert run.state == "FAILURE"
+        assert isinstance(run.exception, WorkerLostError)
+        assert str(run.exception) == "Worker exited prematurely: exitcode 3."
+        assert isinstance(run.attempts[0].exc, SystemExit)
+        assert "SystemExit" in run.attempts[0].note
+        assert "acked when it was accepted" in run.attempts[0].note
+        assert "SystemExit('3')" in run.timeline()
+        result = app.AsyncResult(run.task_id)
+        assert result.state == "FAILURE"
+        assert isinstance(result.result, WorkerLostError)
+        assert actions(retry_worker) == ["acked"]
+
+    def test_with_reject_on_worker_lost_it_runs_again(self, app, flaky_broker, retry_worker):
+        @app.task(
+            name="exits_once", bind=True, acks_late=True, reject_on_worker_lost=True, shared=False
+        )
+        def exits_once(self: Any) -> str:
+            if not self.request.delivery_info.get("redelivered") and not flaky_broker.redeliveries:
+                raise SystemExit()
+            return "done"
+
+        run = retry_worker.apply(exits_once)
+
+        assert [a.outcome for a in run.attempts] == ["worker-lost", "success"]
+        assert "requeued" in run.attempts[0].note
+        assert run.result == "done"
+        assert actions(retry_worker) == ["requeued", "acked"]
+
+    def test_another_base_exception_fails_the_task_with_it(self, app, retry_worker):
+        @app.task(name="custom", shared=False)
+        def custom() -> None:
+            raise Custom("not an Exception")
+
+        run = retry_worker.apply(custom)
+
+        assert [a.outcome for a in run.attempts] == ["failure"]
+        assert isinstance(run.exception, Custom)
+        assert run.attempts[0].exc is run.exception
+        assert "Custom('not an Exception')" in run.timeline()
+        assert app.AsyncResult(run.task_id).state == "FAILURE"
+
+    def test_a_later_task_still_runs(self, app, flaky_broker, retry_worker):
+        @app.task(name="exits_too", shared=False)
+        def exits_too() -> None:
+            raise SystemExit(1)
+
+        first = exits_too.delay()
+        second = app.tasks["foo.task"].delay()
+
+        runs = retry_worker.run_until_idle()
+
+        assert runs[first.id].state == "FAILURE"
+        assert runs[second.id].countdowns == [1, 3, 9]
+
+    def test_before_billiard_4_3_any_base_exception_ends_the_process(
+        self, app, retry_worker, monkeypatch
+    ):
+        # billiard 4.2's child loop catches Exception only: anything else ends the child.
+        monkeypatch.setattr(worker, "_BILLIARD_REPORTS_BASE_EXCEPTIONS", False)
+
+        @app.task(name="custom_old", shared=False)
+        def custom_old() -> None:
+            raise Custom("ends the child")
+
+        run = retry_worker.apply(custom_old)
+
+        assert [a.outcome for a in run.attempts] == ["worker-lost"]
+        assert str(run.exception) == "Worker exited prematurely: exitcode 1."
+        assert isinstance(run.attempts[0].exc, Custom)
+
+    @pytest.mark.parametrize(
+        "stop", [pytest.fail.Exception("from the test"), pytest.skip.Exception("from the test")]
+    )
+    def test_pytest_outcomes_end_the_test(self, app, retry_worker, stop):
+        @app.task(name="stops", shared=False)
+        def stops() -> None:
+            raise stop
+
+        with pytest.raises(type(stop), match="from the test"):
+            retry_worker.apply(stops)
+
+
+def test_ctrl_c_in_a_task_stops_the_session(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import pytest
+        from celery import Celery
+
+        app = Celery("ctrl_c", set_as_current=False)
+
+        @app.task(name="interrupted")
+        def interrupted():
+            raise KeyboardInterrupt
+
+        @pytest.fixture
+        def celery_retry_app():
+            return app
+        """
+    )
+    pytester.makepyfile(
+        """
+        from conftest import interrupted
+
+        def test_a(retry_worker):
+            retry_worker.apply(interrupted)
+
+        def test_b(flaky_broker, retry_worker):
+            interrupted.delay()
+            retry_worker.run_until_idle()
+
+        def test_c():
+            pass
+        """
+    )
+    for name in ("test_a", "test_b"):
+        result = pytester.runpytest("-p", "no:randomly", "-k", f"{name} or test_c")
+        assert result.ret == pytest.ExitCode.INTERRUPTED
+        result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
+        result.stdout.no_fnmatch_line("*1 passed*")
