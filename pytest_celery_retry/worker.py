@@ -334,7 +334,7 @@ class RetryWorker:
                         "can encode, or pickle them in the test with apply(..., "
                         "serialize=False) or the ini option celery_retry_serialize = false"
                     ) from exc
-            self._work(installed, until=task_id, max_attempts=max_attempts)
+            self._work(installed, until=task_id, max_attempts=max_attempts, caller="apply")
         return self.runs[task_id]
 
     def run_until_idle(
@@ -354,7 +354,7 @@ class RetryWorker:
         installed = self._session.installation(app)
         before = {task_id: len(run.attempts) for task_id, run in self.runs.items()}
         with self._running(app):
-            self._work(installed, until=None, max_attempts=max_attempts)
+            self._work(installed, until=None, max_attempts=max_attempts, caller="run_until_idle")
         return {
             task_id: run
             for task_id, run in self.runs.items()
@@ -394,11 +394,15 @@ class RetryWorker:
 
     # -- the loop --------------------------------------------------------------------------
     def _work(
-        self, installed: AppInstallation, until: str | None, max_attempts: int | None
+        self,
+        installed: AppInstallation,
+        until: str | None,
+        max_attempts: int | None,
+        caller: str,
     ) -> None:
-        limit = self.settings.max_attempts if max_attempts is None else max_attempts
-        if not is_whole_number(limit) or limit < 1:
-            raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
+        for limit in (max_attempts, self.settings.max_attempts):
+            if limit is not None and (not is_whole_number(limit) or limit < 1):
+                raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
         consumer = self._consumer(installed)
         while True:
             if until is not None and self._finished(until):
@@ -410,9 +414,10 @@ class RetryWorker:
                     continue
                 return
             run = self._run_for(request)
+            limit, why = self._attempt_limit(request, max_attempts, caller)
             if len(run.attempts) >= limit:
                 consumer.ready.appendleft(request)
-                raise EndlessRetryError(self._endless_message(run, limit))
+                raise EndlessRetryError(self._endless_message(run, why))
             self._execute(request, run, installed.broker)
 
     def _finished(self, task_id: str) -> bool:
@@ -713,18 +718,51 @@ class RetryWorker:
                 "Build etas from retry_worker.clock.now(), or use countdown="
             )
 
-    def _endless_message(self, run: TaskRun, limit: int) -> str:
+    def _attempt_limit(
+        self, request: Any, max_attempts: int | None, caller: str
+    ) -> tuple[int, str]:
+        """How many attempts of ``request``'s task id the worker runs, and which limit that is.
+
+        A limit the caller passed applies to every task. Otherwise the endless-retry guard
+        bounds only what Celery does not: every attempt of a task with ``max_retries=None``,
+        and for a finite ``max_retries`` the deliveries past the attempts it allows (the
+        message's ``retries`` shows what a per-call ``retry(max_retries=...)`` allowed).
+        """
+        max_retries = request.task.max_retries
+        if max_attempts is not None:
+            return max_attempts, (
+                f"the limit max_attempts={max_attempts} passed to {caller}() (the task has "
+                f"max_retries={max_retries!r})"
+            )
+        guard = self.settings.max_attempts
+        if max_retries is None:
+            return guard, (
+                f"max_retries=None retries forever, and the endless-retry guard stops a task "
+                f"after {guard} attempts"
+            )
+        retries = int(request.request_dict.get("retries") or 0)
+        allowed = max(max_retries, retries) + 1
+        return allowed + guard, (
+            f"max_retries={max_retries} allows {allowed} attempt(s), the others were its "
+            "message delivered again (requeued after a lost worker process, or an ack that "
+            f"failed), and the endless-retry guard stops a task after {guard} attempts past "
+            "those its max_retries allows"
+        )
+
+    def _endless_message(self, run: TaskRun, why: str) -> str:
         lines = run.timeline().splitlines()
         tail = (
             "\n".join([*lines[:2], "  ...", *lines[-_TIMELINE_TAIL:]])
             if len(lines) > _TIMELINE_TAIL + 3
             else "\n".join(lines)
         )
+        last = run.last
+        doing = "retrying" if last is not None and last.retry_published else "delivered again"
         return (
-            f"{run.task_name}[{run.task_id}] was still retrying after {limit} attempts "
-            f"(the endless-retry guard; max_retries=None retries forever). If this many "
-            f"attempts is intended, raise the limit: retry_worker.apply(..., max_attempts=N), "
-            f"--celery-retry-max-attempts=N or the ini option celery_retry_max_attempts.\n{tail}"
+            f"{run.task_name}[{run.task_id}] was still {doing} after {len(run.attempts)} "
+            f"attempts: {why}. If more attempts are intended, raise the limit: "
+            "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
+            f"option celery_retry_max_attempts.\n{tail}"
         )
 
 

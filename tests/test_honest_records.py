@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from celery.exceptions import WorkerLostError
 
-from pytest_celery_retry import worker
+from pytest_celery_retry import EndlessRetryError, worker
 from tests.conftest import SEED_POLICY, actions
 
 
@@ -175,3 +175,72 @@ def test_ctrl_c_in_a_task_stops_the_session(pytester: pytest.Pytester) -> None:
         assert result.ret == pytest.ExitCode.INTERRUPTED
         result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
         result.stdout.no_fnmatch_line("*1 passed*")
+
+
+class TestEndlessRetryGuard:
+    def test_a_finite_max_retries_above_the_guard_is_its_own_limit(self, app, retry_worker):
+        @app.task(name="patient", bind=True, max_retries=1500, shared=False)
+        def patient(self: Any) -> int:
+            if self.request.retries < 1200:
+                raise self.retry(countdown=1)
+            return int(self.request.retries)
+
+        run = retry_worker.apply(patient)  # the guard's default limit is 1000 attempts
+
+        assert run.state == "SUCCESS"
+        assert run.retries == 1200
+
+    @pytest.mark.parametrize("caller", ["apply", "run_until_idle"])
+    def test_an_explicit_limit_is_named(self, app, flaky_broker, retry_worker, caller):
+        with pytest.raises(EndlessRetryError) as excinfo:
+            if caller == "apply":
+                retry_worker.apply(app.tasks["foo.task"], max_attempts=2)
+            else:
+                app.tasks["foo.task"].delay()
+                retry_worker.run_until_idle(max_attempts=2)
+
+        message = str(excinfo.value)
+        assert f"max_attempts=2 passed to {caller}()" in message
+        assert "max_retries=3" in message
+        assert "max_retries=None" not in message and "forever" not in message
+
+    def test_max_retries_none_is_blamed_with_the_guards_limit(self, app, retry_worker):
+        retry_worker.settings.max_attempts = 20  # what --celery-retry-max-attempts=20 sets
+
+        @app.task(name="forever", bind=True, max_retries=None, shared=False)
+        def forever(self: Any) -> None:
+            raise self.retry(countdown=60)
+
+        with pytest.raises(EndlessRetryError) as excinfo:
+            retry_worker.apply(forever)
+
+        message = str(excinfo.value)
+        assert "still retrying after 20 attempts" in message
+        assert "max_retries=None retries forever" in message
+        assert "the endless-retry guard stops a task after 20 attempts" in message
+
+    def test_redeliveries_past_a_finite_max_retries_are_stopped(
+        self, app, flaky_broker, retry_worker
+    ):
+        # Every run of it loses its worker process and the message comes back: forever.
+        retry_worker.settings.max_attempts = 5
+
+        @app.task(
+            name="doomed", bind=True, acks_late=True, reject_on_worker_lost=True, shared=False
+        )
+        def doomed(self: Any) -> None:
+            if self.request.retries < 2:
+                raise self.retry(countdown=1, max_retries=2)
+            raise SystemExit(1)
+
+        app.tasks["doomed"].max_retries = 1  # the per-call max_retries=2 allows 3 attempts
+
+        with pytest.raises(EndlessRetryError) as excinfo:
+            retry_worker.apply(doomed)
+
+        run = retry_worker.runs[next(iter(retry_worker.runs))]
+        assert len(run.attempts) == 3 + 5
+        message = str(excinfo.value)
+        assert "still delivered again after 8 attempts" in message
+        assert "max_retries=1 allows 3 attempt(s)" in message
+        assert "the endless-retry guard stops a task after 5 attempts past those" in message
