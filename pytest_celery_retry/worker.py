@@ -313,7 +313,10 @@ class RetryWorker:
         """Execute ``task`` (a task or a signature) until it succeeds or finally fails.
 
         The first message is published with the broker's faults suspended; every retry goes
-        through the broker as it is, faults included. Options go to ``apply_async``.
+        through the broker as it is, faults included. Options go to ``apply_async``. Other
+        messages run as they become due meanwhile; what is left afterwards (what the task's
+        last attempt sent, for instance) waits for ``run_until_idle()``. For a chain, the
+        run of its last task (without attempts if an earlier task failed).
         """
         self._check_schedule(options)
         check_retry_policy(options.get("retry_policy"), "retry_policy")
@@ -335,7 +338,12 @@ class RetryWorker:
                         "serialize=False) or the ini option celery_retry_serialize = false"
                     ) from exc
             self._work(installed, until=task_id, max_attempts=max_attempts, caller="apply")
-        return self.runs[task_id]
+        run = self.runs.get(task_id)
+        if run is None:
+            # A chain's last task never runs once an earlier one failed: a run without attempts.
+            last = getattr(signature, "tasks", None) or [signature]
+            run = TaskRun(task_id, last[-1].task, seed=self.settings.seed)
+        return run
 
     def run_until_idle(
         self, app: Any = None, *, max_attempts: int | None = None
@@ -366,8 +374,8 @@ class RetryWorker:
 
         The pool reports ``WorkerLostError`` after accepting the job, as the prefork pool does
         for a killed child, before the task body runs (so it has no side effects). Celery
-        decides what happens to the message: with ``acks_late`` and
-        ``task_reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
+        decides what happens to the message: with the task's ``acks_late`` and
+        ``reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
         it was acknowledged when accepted and the task fails with ``WorkerLostError``.
         """
         name = task if isinstance(task, str) else getattr(task, "name", None)
@@ -674,8 +682,14 @@ class RetryWorker:
     def _signature(
         self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
     ) -> Any:
-        from celery.canvas import Signature
+        from celery.canvas import Signature, group
 
+        if isinstance(task, group):
+            raise UsageError(
+                "apply(group(...)): a group has no run of its own. Publish it with "
+                "group(...).delay() (request the flaky_broker fixture first) and run its tasks "
+                "with retry_worker.run_until_idle()"
+            )
         if isinstance(task, str):
             raise UsageError(
                 f"apply({task!r}): pass the task object or a signature, "

@@ -6,9 +6,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from celery import chain, group
 from celery.exceptions import WorkerLostError
 
-from pytest_celery_retry import EndlessRetryError, worker
+from pytest_celery_retry import EndlessRetryError, UsageError, worker
 from tests.conftest import SEED_POLICY, actions
 
 
@@ -244,3 +245,102 @@ class TestEndlessRetryGuard:
         assert "still delivered again after 8 attempts" in message
         assert "max_retries=1 allows 3 attempt(s)" in message
         assert "the endless-retry guard stops a task after 5 attempts past those" in message
+
+
+class TestWhatApplyRuns:
+    """apply() works until its task is finished; what the task sent runs when it is due first."""
+
+    @staticmethod
+    def family(app: Any) -> tuple[Any, Any, list[int]]:
+        ran: list[int] = []
+
+        @app.task(name="child", shared=False)
+        def child(x: int) -> int:
+            ran.append(x)
+            return x * 2
+
+        @app.task(name="parent", bind=True, max_retries=1, shared=False)
+        def parent(self: Any, retry: bool = False) -> str:
+            child.delay(self.request.retries)
+            if self.request.retries == 0 and retry:
+                raise self.retry(countdown=5)
+            return "sent"
+
+        return parent, child, ran
+
+    def test_a_child_sent_by_the_last_attempt_waits_for_run_until_idle(
+        self, app, flaky_broker, retry_worker
+    ):
+        parent, _, ran = self.family(app)
+
+        run = retry_worker.apply(parent)
+
+        assert run.state == "SUCCESS"
+        assert ran == []
+        assert flaky_broker.pending() == 1
+        child_runs = retry_worker.run_until_idle()
+        assert ran == [0]
+        assert [r.task_name for r in child_runs.values()] == ["child"]
+
+    def test_a_child_sent_before_a_retry_runs_meanwhile(self, app, flaky_broker, retry_worker):
+        parent, _, ran = self.family(app)
+
+        run = retry_worker.apply(parent, kwargs={"retry": True})
+
+        assert [a.outcome for a in run.attempts] == ["retry", "success"]
+        assert ran == [0]  # ran while the worker waited for the retry's ETA
+        assert flaky_broker.pending() == 1  # the second attempt's child
+
+    def test_a_chain_returns_the_run_of_its_last_task(self, app, retry_worker):
+        @app.task(name="add", shared=False)
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        run = retry_worker.apply(chain(add.s(1, 2), add.s(10), app.tasks["foo.task"].si()))
+
+        assert run.task_name == "foo.task" and run.countdowns == [1, 3, 9]
+        assert [(r.task_name, r.result) for r in retry_worker.runs.values()] == [
+            ("add", 3),
+            ("add", 13),
+            ("foo.task", None),
+        ]
+
+    def test_a_chain_whose_first_task_fails_never_runs_the_last(self, app, retry_worker):
+        @app.task(name="fails", shared=False)
+        def fails() -> None:
+            raise ValueError("no")
+
+        @app.task(name="never", shared=False)
+        def never(x: Any) -> None:
+            raise AssertionError("ran after a failed link")
+
+        run = retry_worker.apply(chain(fails.s(), never.s()))
+
+        assert run.task_name == "never"
+        assert run.attempts == [] and run.state == "PENDING"
+        assert [(r.task_name, r.state) for r in retry_worker.runs.values()] == [
+            ("fails", "FAILURE")
+        ]
+        assert app.AsyncResult(run.task_id).state == "FAILURE"  # Celery fails the chain's rest
+
+    def test_a_group_is_refused(self, app, retry_worker):
+        with pytest.raises(UsageError, match="run_until_idle"):
+            retry_worker.apply(group(app.tasks["foo.task"].s(), app.tasks["foo.task"].s()))
+
+
+def test_reject_on_worker_lost_set_in_the_configuration_after_binding_has_no_effect(
+    app, retry_worker
+):
+    # Celery copies task_* settings onto each task when it binds the task to the app.
+    @app.task(name="charge", acks_late=True, shared=False)
+    def charge() -> int:
+        return 1
+
+    app.finalize()
+    app.conf.task_reject_on_worker_lost = True
+    retry_worker.crash_during(charge)
+
+    assert [a.outcome for a in retry_worker.apply(charge).attempts] == ["worker-lost"]
+    charge.reject_on_worker_lost = True
+    retry_worker.crash_during(charge)
+    assert [a.outcome for a in retry_worker.apply(charge).attempts] == ["worker-lost", "success"]
