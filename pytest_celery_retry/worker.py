@@ -508,7 +508,8 @@ class RetryWorker:
         reported = attempt.raised
         actions = {event.action for event in events if event.task_id == attempt.task_id}
         attempt.exc = cause
-        if not isinstance(reported, WorkerLostError) and "requeued" not in actions:
+        lost_process = crashed or isinstance(reported, WorkerLostError) or "requeued" in actions
+        if not lost_process:
             # The process lived on and Celery failed the task with the exception itself.
             attempt.outcome, attempt.raised = "failure", cause
             return
