@@ -47,6 +47,7 @@ from .records import (
     describe_exception,
     format_seconds,
     format_table,
+    parse_eta,
 )
 
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
@@ -748,12 +749,7 @@ def _decode(queue: str, t: float, payload: dict[str, Any], clock: VirtualClock) 
     eta = headers.get("eta")
     countdown = None
     if eta:
-        from datetime import datetime, timezone
-
-        when = datetime.fromisoformat(eta)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        countdown = round((when - clock.started_at).total_seconds() - t, 6)
+        countdown = round((parse_eta(eta) - clock.started_at).total_seconds() - t, 6)
     return DeliveredMessage(
         queue=queue,
         t=t,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored", "worker-lost"]
@@ -24,6 +24,12 @@ def describe_exception(exc: BaseException | None) -> str:
         return "-"
     text = f"{type(exc).__name__}({str(exc)!r})"
     return text if len(text) <= _EXC_WIDTH else text[: _EXC_WIDTH - 3] + "..."
+
+
+def parse_eta(eta: str) -> datetime:
+    """A message's ``eta`` header as an aware datetime (Celery sends naive ones in UTC)."""
+    when = datetime.fromisoformat(eta)
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def format_seconds(value: float | None) -> str:
@@ -95,7 +101,7 @@ class TaskRun:
 
     @property
     def countdowns(self) -> list[float]:
-        """Seconds each retry was scheduled after the attempt that asked for it (ETA included)."""
+        """Each retry's ETA minus the start of the attempt that asked for it (``eta=`` included)."""
         return [a.countdown for a in self.attempts if a.countdown is not None]
 
     @property
@@ -263,6 +269,7 @@ class DeliveredMessage:
     headers: dict[str, Any]
     eta: str | None
     retries: int
+    # The ETA minus ``t``: negative when the publish was retried past the ETA.
     countdown: float | None = None
 
 

@@ -23,6 +23,9 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import billiard
+import pytest
+from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from celery import _state, signals
 from celery.concurrency.base import BasePool, apply_target
@@ -37,7 +40,7 @@ from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
 from .clock import LATEST
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
-from .records import Attempt, AttemptOutcome, TaskRun
+from .records import Attempt, AttemptOutcome, TaskRun, describe_exception, parse_eta
 from .session import AppInstallation, RetrySession
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
@@ -48,6 +51,12 @@ _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "IGNORED": "ignored",
 }
 _TIMELINE_TAIL = 8
+# Raised into a task body by the test run itself (Ctrl-C, pytest.fail, pytest-timeout):
+# they end the test, not the task, as they do everywhere in pytest.
+_TEST_RUN_EXCEPTIONS = (KeyboardInterrupt, pytest.fail.Exception, pytest.skip.Exception)
+# billiard 4.3 reports a job's BaseException as the job's result (then ends the child on
+# SystemExit); before, the exception ended the child and the pool reported WorkerLostError.
+_BILLIARD_REPORTS_BASE_EXCEPTIONS = tuple(billiard.VERSION[:2]) >= (4, 3)
 
 
 class ArgumentEncodeError(UsageError, EncodeError):
@@ -60,6 +69,10 @@ class _InlinePool(BasePool):
     It can also lose its "worker process" the way the prefork pool reports a killed child:
     the job was accepted, then the error callback gets ``WorkerLostError``. Celery's
     ``Request.on_failure`` then decides (ack, reject, requeue) as in production.
+
+    A task that raises a BaseException which is no Exception (``SystemExit``, a custom one)
+    is reported as the prefork pool reports it; the solo pool would hand it to the success
+    callback, and the worker would die of the ``TypeError``.
     """
 
     body_can_be_buffer = True
@@ -69,17 +82,45 @@ class _InlinePool(BasePool):
         self.on_apply = self._apply
         # The error the next job's "worker process" dies with, if it is to die.
         self.crash_next: WorkerLostError | None = None
+        # The BaseException the last job raised, if it raised one that is no Exception.
+        self.raised: BaseException | None = None
 
     def _apply(self, target: Any, *args: Any, **kwargs: Any) -> None:
         lost, self.crash_next = self.crash_next, None
-        if lost is None:
-            apply_target(target, *args, **kwargs)
+        self.raised = None
+        if lost is not None:
+            kwargs["accept_callback"](os.getpid(), time.monotonic())
+            _report_failure(kwargs, lost)
             return
-        kwargs["accept_callback"](os.getpid(), time.monotonic())
         try:
-            raise lost
-        except WorkerLostError:
-            kwargs["error_callback"](ExceptionInfo())
+            # Every exception comes back here, where the prefork child's loop would see it.
+            apply_target(target, *args, propagate=(BaseException,), **kwargs)
+        except (Exception, *_TEST_RUN_EXCEPTIONS):
+            raise
+        except BaseException as exc:
+            self.raised = exc
+            if _BILLIARD_REPORTS_BASE_EXCEPTIONS:
+                _report_failure(kwargs, exc)
+            else:
+                status = human_status(_exit_code(exc))
+                _report_failure(kwargs, WorkerLostError(f"Worker exited prematurely: {status}."))
+
+
+def _report_failure(job: dict[str, Any], exc: BaseException) -> None:
+    """Hand ``exc`` to the job's error callback, with its traceback, as billiard does."""
+    try:
+        raise exc
+    except BaseException:
+        job["error_callback"](ExceptionInfo())
+
+
+def _exit_code(exc: BaseException) -> int:
+    """The exit status of a Python process that ``exc`` ended."""
+    if not isinstance(exc, SystemExit):
+        return 1
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
 
 
 @dataclass(order=True)
@@ -360,7 +401,10 @@ class RetryWorker:
         """Execute ``task`` (a task or a signature) until it succeeds or finally fails.
 
         The first message is published with the broker's faults suspended; every retry goes
-        through the broker as it is, faults included. Options go to ``apply_async``.
+        through the broker as it is, faults included. Options go to ``apply_async``. Other
+        messages run as they become due meanwhile; what is left afterwards (what the task's
+        last attempt sent, for instance) waits for ``run_until_idle()``. For a chain, the
+        run of its last task (without attempts if an earlier task failed).
         """
         self._check_schedule(options)
         check_retry_policy(options.get("retry_policy"), "retry_policy")
@@ -381,8 +425,13 @@ class RetryWorker:
                         "can encode, or pickle them in the test with apply(..., "
                         "serialize=False) or the ini option celery_retry_serialize = false"
                     ) from exc
-            self._work(installed, until=task_id, max_attempts=max_attempts)
-        return self.runs[task_id]
+            self._work(installed, until=task_id, max_attempts=max_attempts, caller="apply")
+        run = self.runs.get(task_id)
+        if run is None:
+            # A chain's last task never runs once an earlier one failed: a run without attempts.
+            last = getattr(signature, "tasks", None) or [signature]
+            run = TaskRun(task_id, last[-1].task, seed=self.settings.seed)
+        return run
 
     def run_until_idle(
         self, app: Any = None, *, max_attempts: int | None = None
@@ -401,7 +450,7 @@ class RetryWorker:
         installed = self._session.installation(app)
         before = {task_id: len(run.attempts) for task_id, run in self.runs.items()}
         with self._running(app):
-            self._work(installed, until=None, max_attempts=max_attempts)
+            self._work(installed, until=None, max_attempts=max_attempts, caller="run_until_idle")
         return {
             task_id: run
             for task_id, run in self.runs.items()
@@ -413,8 +462,8 @@ class RetryWorker:
 
         The pool reports ``WorkerLostError`` after accepting the job, as the prefork pool does
         for a killed child, before the task body runs (so it has no side effects). Celery
-        decides what happens to the message: with ``acks_late`` and
-        ``task_reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
+        decides what happens to the message: with the task's ``acks_late`` and
+        ``reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
         it was acknowledged when accepted and the task fails with ``WorkerLostError``.
         """
         name = task if isinstance(task, str) else getattr(task, "name", None)
@@ -441,11 +490,15 @@ class RetryWorker:
 
     # -- the loop --------------------------------------------------------------------------
     def _work(
-        self, installed: AppInstallation, until: str | None, max_attempts: int | None
+        self,
+        installed: AppInstallation,
+        until: str | None,
+        max_attempts: int | None,
+        caller: str,
     ) -> None:
-        limit = self.settings.max_attempts if max_attempts is None else max_attempts
-        if not is_whole_number(limit) or limit < 1:
-            raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
+        for limit in (max_attempts, self.settings.max_attempts):
+            if limit is not None and (not is_whole_number(limit) or limit < 1):
+                raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
         consumer = self._consumer(installed)
         while True:
             if until is not None and self._finished(until):
@@ -457,9 +510,10 @@ class RetryWorker:
                     continue
                 return
             run = self._run_for(request)
+            limit, why = self._attempt_limit(request, max_attempts, caller)
             if len(run.attempts) >= limit:
                 consumer.ready.appendleft(request)
-                raise EndlessRetryError(self._endless_message(run, limit))
+                raise EndlessRetryError(self._endless_message(run, why))
             self._execute(request, run, installed.broker)
             self._record_rate_limit(run.attempts[-1], request, consumer)
 
@@ -504,16 +558,23 @@ class RetryWorker:
             attempt.note = "revoked (expired or revoked before it ran)"
         finally:
             self._current = None
-        if crash is not None:
-            self._record_crash(attempt, crash, request, self.events[events_before:])
+        cause, self._pool.raised = crash or self._pool.raised, None
+        if cause is not None:
+            self._record_pool_failure(
+                attempt, cause, crash is not None, request, self.events[events_before:]
+            )
         if attempt.outcome is None:  # the tracer never ran: Celery's internal error path
             attempt.outcome = "failure"
         for message in broker.messages(queue=None, since=deliveries_before):
             if message.task_id == run.task_id:
                 attempt.retry_published = True
-                attempt.countdown = message.countdown if message.countdown is not None else 0.0
-                attempt.eta = (
-                    datetime.fromisoformat(message.eta) if message.eta is not None else None
+                # What the task asked for: its ETA from the start of this attempt, however long
+                # the publish took (the message's own countdown counts from its delivery).
+                attempt.eta = parse_eta(message.eta) if message.eta is not None else None
+                attempt.countdown = (
+                    round((attempt.eta - attempt.started_at).total_seconds(), 6)
+                    if attempt.eta is not None
+                    else 0.0
                 )
                 break
         if attempt.outcome == "rejected" and not attempt.retry_published:
@@ -530,17 +591,40 @@ class RetryWorker:
         attempt.note = f"{note}; {attempt.note}" if attempt.note else note
 
     @staticmethod
-    def _record_crash(
-        attempt: Attempt, lost: WorkerLostError, request: Any, events: list[MessageEvent]
+    def _record_pool_failure(
+        attempt: Attempt,
+        cause: BaseException,
+        crashed: bool,
+        request: Any,
+        events: list[MessageEvent],
     ) -> None:
-        attempt.outcome, attempt.exc, attempt.raised = "worker-lost", lost, lost
+        """Record what Celery's ``Request.on_failure`` made of a job the pool reported failed.
+
+        ``cause`` is the simulated crash, or the BaseException the task body raised; the
+        task_failure signal told the attempt what Celery failed the task with, if it did.
+        """
+        reported = attempt.raised
         actions = {event.action for event in events if event.task_id == attempt.task_id}
-        if "requeued" in actions:
-            attempt.note = "worker lost; message requeued (acks_late, task_reject_on_worker_lost)"
-        elif not request.task.acks_late:
-            attempt.note = "worker lost; the message was acked before it ran: task not redelivered"
+        attempt.exc = cause
+        lost_process = crashed or isinstance(reported, WorkerLostError) or "requeued" in actions
+        if not lost_process:
+            # The process lived on and Celery failed the task with the exception itself.
+            attempt.outcome, attempt.raised = "failure", cause
+            return
+        attempt.outcome = "worker-lost"
+        if reported is None:
+            attempt.raised = cause
+        if crashed:
+            lost, ran = "worker lost", "before it ran"
         else:
-            attempt.note = "worker lost; acks_late acked it as failed: task not redelivered"
+            lost = f"worker lost: {describe_exception(cause)} ends a prefork worker process"
+            ran = "when it was accepted"
+        if "requeued" in actions:
+            attempt.note = f"{lost}; message requeued (acks_late, reject_on_worker_lost)"
+        elif not request.task.acks_late:
+            attempt.note = f"{lost}; the message was acked {ran}: task not redelivered"
+        else:
+            attempt.note = f"{lost}; acks_late acked it as failed: task not redelivered"
 
     # -- Celery plumbing -------------------------------------------------------------------
     def _request_for(self, consumer: _Consumer, message: Any) -> Any:
@@ -628,16 +712,32 @@ class RetryWorker:
         if attempt is not None and task_id == attempt.task_id:
             attempt.args, attempt.kwargs = tuple(args or ()), dict(kwargs or {})
 
+    def _on_failure(
+        self, task_id: str | None = None, exception: BaseException | None = None, **_: Any
+    ) -> None:
+        # Also sent by Request.on_failure, after the tracer: what the task failed with when
+        # its pool reported it (WorkerLostError for a lost process).
+        attempt = self._current
+        if attempt is not None and task_id == attempt.task_id:
+            attempt.raised = exception
+
+    def _receivers(self) -> list[tuple[Any, Any]]:
+        return [
+            (signals.task_prerun, self._on_prerun),
+            (signals.task_postrun, self._on_postrun),
+            (signals.task_failure, self._on_failure),
+        ]
+
     def _connect_receivers(self) -> None:
         if not self._receiver_connected:
-            signals.task_prerun.connect(self._on_prerun, weak=False, dispatch_uid=id(self))
-            signals.task_postrun.connect(self._on_postrun, weak=False, dispatch_uid=id(self))
+            for signal, receiver in self._receivers():
+                signal.connect(receiver, weak=False, dispatch_uid=id(self))
             self._receiver_connected = True
 
     def _disconnect_receivers(self) -> None:
         if self._receiver_connected:
-            signals.task_prerun.disconnect(self._on_prerun, dispatch_uid=id(self))
-            signals.task_postrun.disconnect(self._on_postrun, dispatch_uid=id(self))
+            for signal, receiver in self._receivers():
+                signal.disconnect(receiver, dispatch_uid=id(self))
             self._receiver_connected = False
 
     @contextmanager
@@ -681,8 +781,14 @@ class RetryWorker:
     def _signature(
         self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
     ) -> Any:
-        from celery.canvas import Signature
+        from celery.canvas import Signature, group
 
+        if isinstance(task, group):
+            raise UsageError(
+                "apply(group(...)): a group has no run of its own. Publish it with "
+                "group(...).delay() (request the flaky_broker fixture first) and run its tasks "
+                "with retry_worker.run_until_idle()"
+            )
         if isinstance(task, str):
             raise UsageError(
                 f"apply({task!r}): pass the task object or a signature, "
@@ -746,18 +852,51 @@ class RetryWorker:
                 f"(a datetime ends with the year 9999): give at most {left:.0f} s"
             )
 
-    def _endless_message(self, run: TaskRun, limit: int) -> str:
+    def _attempt_limit(
+        self, request: Any, max_attempts: int | None, caller: str
+    ) -> tuple[int, str]:
+        """How many attempts of ``request``'s task id the worker runs, and which limit that is.
+
+        A limit the caller passed applies to every task. Otherwise the endless-retry guard
+        bounds only what Celery does not: every attempt of a task with ``max_retries=None``,
+        and for a finite ``max_retries`` the deliveries past the attempts it allows (the
+        message's ``retries`` shows what a per-call ``retry(max_retries=...)`` allowed).
+        """
+        max_retries = request.task.max_retries
+        if max_attempts is not None:
+            return max_attempts, (
+                f"the limit max_attempts={max_attempts} passed to {caller}() (the task has "
+                f"max_retries={max_retries!r})"
+            )
+        guard = self.settings.max_attempts
+        if max_retries is None:
+            return guard, (
+                f"max_retries=None retries forever, and the endless-retry guard stops a task "
+                f"after {guard} attempts"
+            )
+        retries = int(request.request_dict.get("retries") or 0)
+        allowed = max(max_retries, retries) + 1
+        return allowed + guard, (
+            f"max_retries={max_retries} allows {allowed} attempt(s), the others were its "
+            "message delivered again (requeued after a lost worker process, or an ack that "
+            f"failed), and the endless-retry guard stops a task after {guard} attempts past "
+            "those its max_retries allows"
+        )
+
+    def _endless_message(self, run: TaskRun, why: str) -> str:
         lines = run.timeline().splitlines()
         tail = (
             "\n".join([*lines[:2], "  ...", *lines[-_TIMELINE_TAIL:]])
             if len(lines) > _TIMELINE_TAIL + 3
             else "\n".join(lines)
         )
+        last = run.last
+        doing = "retrying" if last is not None and last.retry_published else "delivered again"
         return (
-            f"{run.task_name}[{run.task_id}] was still retrying after {limit} attempts "
-            f"(the endless-retry guard; max_retries=None retries forever). If this many "
-            f"attempts is intended, raise the limit: retry_worker.apply(..., max_attempts=N), "
-            f"--celery-retry-max-attempts=N or the ini option celery_retry_max_attempts.\n{tail}"
+            f"{run.task_name}[{run.task_id}] was still {doing} after {len(run.attempts)} "
+            f"attempts: {why}. If more attempts are intended, raise the limit: "
+            "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
+            f"option celery_retry_max_attempts.\n{tail}"
         )
 
 
