@@ -126,10 +126,14 @@ def test_app_config_is_restored():
 def test_no_connection_is_left_open():
     assert dict(pools.connections) == {}
     assert dict(pools.producers) == {}
+    # type(), not isinstance(): isinstance() reads __class__, which makes a lazy object such as
+    # django.conf.settings (pytest-django imports it) load itself, and fail without settings.
     open_connections = [
         obj
         for obj in gc.get_objects()
-        if isinstance(obj, kombu.Connection) and obj._connection is not None and not obj._closed
+        if issubclass(type(obj), kombu.Connection)
+        and obj._connection is not None
+        and not obj._closed
     ]
     assert open_connections == []
 
