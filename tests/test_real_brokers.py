@@ -275,7 +275,8 @@ SWEEP_SLACK = 1.2
 # Celery 5.7's consumer closes the collected connection after a connection error; the redis
 # channel's close then restores what it held through a client kombu already dropped, and the
 # AttributeError that raises is not a connection error: the worker stops. The in-memory broker
-# does not model that crash (docs/worker.md says so); this test notices when it goes away.
+# does not model that crash (docs/worker.md says so). It races the consumer's restart, so the
+# test accepts either real outcome on 5.7 and only the clean one before.
 CELERY_CRASHES_ON_HELD_MESSAGES = tuple(int(p) for p in celery.__version__.split(".")[:2]) >= (5, 7)
 
 
@@ -354,11 +355,14 @@ def test_redis_holds_back_an_eta_message_a_lost_connection_held(
             held_back = unacked_in_redis(result.id)
     finally:
         drain("redis", queue)
-    if CELERY_CRASHES_ON_HELD_MESSAGES:
+    crashed = "Unrecoverable error: AttributeError" in caplog.text
+    if CELERY_CRASHES_ON_HELD_MESSAGES and crashed:
+        # Celery 5.7's crash is a race with the consumer's restart: on a loaded machine the
+        # worker sometimes restarts cleanly and then behaves as Celery <= 5.6 (below).
         assert len(runs) == 1, runs
-        assert "Unrecoverable error: AttributeError" in caplog.text
         assert held_back
         return
+    assert not crashed, caplog.text
     # Lost at t=0.3 with Redis down: the held retry stays unacked, past its ETA (t=1) and
     # past the reconnect (t=2.3), until a sweep finds it older than visibility_timeout.
     assert runs[1] == pytest.approx(6.3, abs=SWEEP_SLACK), (runs, proxy.timeline())
