@@ -146,12 +146,14 @@ def _retry_policy_keys() -> frozenset[str]:
 
 
 # Besides the connections every app opens through ``Celery._connection``, an app may hold a
-# connection pool, a producer pool or a result backend built before the test: these reach them.
-_GUARDED_PROPERTIES = ("pool", "producer_pool", "backend")
+# connection pool, a producer pool or a result backend built before the test: these reach
+# them. Each is marked with whether using it means publishing (send_task takes a producer).
+_GUARDED_PROPERTIES = {"pool": False, "producer_pool": True, "backend": False}
 
 
-def hook_celery(route: Callable[[Any], str | None]) -> Callable[[], None]:
-    """Hand every Celery app to ``route(app)`` before it reaches its broker or result backend.
+def hook_celery(route: Callable[[Any, bool], str | None]) -> Callable[[], None]:
+    """Hand every Celery app to ``route(app, publishing)`` before it reaches its broker or
+    result backend.
 
     ``route`` may install things on the app first; a connection goes to the broker URL it
     returns (``None``: the URL the app asked for). Returns the function that unhooks Celery.
@@ -162,18 +164,18 @@ def hook_celery(route: Callable[[Any], str | None]) -> Callable[[], None]:
     connect = originals["_connection"]
 
     def _connection(app: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
-        return connect(app, route(app) or url, *args, **kwargs)
+        return connect(app, route(app, False) or url, *args, **kwargs)
 
-    def routed(prop: property) -> property:
+    def routed(prop: property, publishing: bool) -> property:
         def get(app: Any) -> Any:
-            route(app)
+            route(app, publishing)
             return prop.__get__(app)
 
         return property(get, prop.fset, prop.fdel, prop.__doc__)
 
     Celery._connection = _connection
-    for name in _GUARDED_PROPERTIES:
-        setattr(Celery, name, routed(originals[name]))
+    for name, publishing in _GUARDED_PROPERTIES.items():
+        setattr(Celery, name, routed(originals[name], publishing))
 
     def unhook() -> None:
         for name, original in originals.items():

@@ -136,11 +136,17 @@ _active: list[RetrySession] = []
 _unhook: list[Callable[[], None]] = []
 
 
-def _route(app: Any) -> str | None:
+def _route(app: Any, publishing: bool) -> str | None:
     """Where ``app``'s next connection goes: the in-memory broker of the current session."""
     if not _active or app in real_broker_apps:
         return None
-    return _active[-1].installation(app).broker.url
+    session = _active[-1]
+    installed = session.installations.get(id(app))
+    # Celery reaches for the backend and pools several times per task: the full call, which
+    # also checks the publish retry policy, only where it is needed.
+    if installed is None or publishing:
+        installed = session.installation(app)
+    return installed.broker.url
 
 
 def _activate(session: RetrySession) -> None:
