@@ -84,9 +84,10 @@ class RetrySession:
 
             before_task_publish.connect(announce_publish, weak=False, dispatch_uid=id(self))
             self._signal_connected = True
-        patch = self._patches.get(id(app))
-        if patch is None:  # an app made (or first seen) during the test
-            patch = self._patches[id(app)] = AppPatch(app)
+        if id(app) not in self._patches:  # an app made (or first seen) during the test
+            self._patches[id(app)] = AppPatch(app)
+        # This install alone, undone at once if it fails (the test's own changes stay).
+        patch = AppPatch(app)
         broker = InMemoryBroker(
             self.clock, flavor or flavor_for_url(app.conf.broker_url), self.settings.seed
         )
@@ -117,6 +118,8 @@ class RetrySession:
                 undo.callback(installed.broker.close)
             for patch in self._patches.values():
                 undo.callback(patch.restore)
+            for installed in self.installations.values():
+                undo.callback(installed.patch.restore)
             # First of all: restoring an app must not route it back to a broker.
             undo.callback(_deactivate, self)
         self.installations.clear()

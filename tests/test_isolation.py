@@ -7,7 +7,12 @@ control session leaks on purpose, to show that each check can fail.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+
+from pytest_celery_retry import ConfigurationError
+from tests.conftest import make_app
 
 pytest_plugins = ["pytester"]
 
@@ -116,7 +121,6 @@ def test_library_sleeps_are_time_sleep():
 
 def test_app_config_is_restored():
     assert dict(app.conf.changes) == CONF_BEFORE
-    assert app.conf.broker_url == "memory://"
     assert not app.conf.task_always_eager
     assert app._pool is None
     assert broker._brokers == {}
@@ -332,3 +336,21 @@ def test_in_any_order_only_the_failing_tests_fail(
     pytester: pytest.Pytester, options: tuple[str, ...]
 ) -> None:
     run_settings_suite(pytester, *options).assert_outcomes(passed=7, failed=1, errors=2)
+
+
+@pytest.fixture
+def made_before_the_session() -> Any:
+    return make_app()
+
+
+def test_a_refused_install_keeps_the_tests_own_settings(
+    made_before_the_session: Any, retry_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = made_before_the_session
+    app.conf.task_acks_late = True
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://127.0.0.1:9//")
+
+    with pytest.raises(ConfigurationError, match="CELERY_BROKER_URL"):
+        retry_worker.apply(app.tasks["foo.task"])
+
+    assert app.conf.task_acks_late  # undone at teardown, not by the refusal
