@@ -354,3 +354,21 @@ def test_a_refused_install_keeps_the_tests_own_settings(
         retry_worker.apply(app.tasks["foo.task"])
 
     assert app.conf.task_acks_late  # undone at teardown, not by the refusal
+
+
+def test_an_app_the_test_leaves_alone_keeps_its_pools_and_backend() -> None:
+    from pytest_celery_retry.session import RetrySession
+    from pytest_celery_retry.worker import RetryWorker
+
+    untouched, used = make_app(), make_app()
+    pool, producer_pool, backend = untouched.pool, untouched.producer_pool, untouched.backend
+    session = RetrySession().start()
+    worker = RetryWorker(session)
+    try:
+        worker.apply(used.tasks["foo.task"])
+    finally:
+        worker.close()
+        session.close()
+
+    assert (untouched._pool, untouched.amqp._producer_pool) == (pool, producer_pool)
+    assert untouched.backend is backend
