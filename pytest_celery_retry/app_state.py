@@ -7,7 +7,10 @@ broker or backend wired into the next test. This module owns all of that bookkee
 
 from __future__ import annotations
 
+import functools
 import os
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .errors import ConfigurationError, UsageError
@@ -15,17 +18,26 @@ from .errors import ConfigurationError, UsageError
 _URL_ENVIRONMENT = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
 
 
+# Apps a test pointed at a real broker on purpose (``broker_proxy``): they may go out.
+real_broker_apps: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 class AppPatch:
-    """Configuration changes on one app, undone by :meth:`restore` (idempotent)."""
+    """Configuration changes on one app, undone by :meth:`restore` (idempotent).
+
+    Made before the test changes anything: it keeps the app's own settings as they are then,
+    also those of an app whose configuration Celery has not loaded yet (without loading it).
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._saved_changes = dict(app.conf.changes)
+        self._saved_changes = dict(_own_settings(app))
         self._saved_backend_cache = app._backend_cache
         self._saved_local_backend = getattr(app._local, "backend", None)
-        self._restored = False
+        self._touched = False
 
     def configure(self, **settings: Any) -> None:
+        self._touched = True
         self.app.conf.update(settings)
 
     def install_broker(self, url: str) -> None:
@@ -46,11 +58,11 @@ class AppPatch:
         forget_tracers(self.app)
 
     def restore(self) -> None:
-        if self._restored:
-            return
-        self._restored = True
+        if not self._touched and _own_settings(self.app) == self._saved_changes:
+            return  # the test left the app alone: its pools and backend are not ours to drop
+        self._touched = False
         reset_connections(self.app)
-        changes = self.app.conf.changes
+        changes = _own_settings(self.app)
         changes.clear()
         changes.update(self._saved_changes)
         self._forget_backend()
@@ -63,6 +75,14 @@ class AppPatch:
         self.app._backend_cache = None
         if hasattr(self.app._local, "backend"):
             del self.app._local.backend
+
+
+def _own_settings(app: Any) -> Any:
+    """The settings the app was given (not Celery's defaults), without loading its configuration.
+
+    Before Celery loads it, what a test sets on ``app.conf`` lands in ``app._preconf``.
+    """
+    return app.conf.changes if app.configured else app._preconf
 
 
 def reset_connections(app: Any) -> None:
@@ -93,7 +113,7 @@ def _unregister(pool: Any) -> None:
 
 def forget_tracers(app: Any) -> None:
     """Drop each task's cached tracer: it holds the result backend it was built with."""
-    for task in list(app.tasks.values()):
+    for task in list(app._tasks.values()):  # app.tasks would finalize the app
         if getattr(task, "__trace__", None) is not None:
             task.__trace__ = None
 
@@ -106,14 +126,59 @@ def check_retry_policy(policy: Any, source: str) -> None:
     """
     if not policy:
         return
-    import inspect
-
-    from kombu.connection import Connection
-
-    accepted = set(inspect.signature(Connection.ensure).parameters) - {"self", "obj", "fun"}
+    accepted = _retry_policy_keys()
     unknown = sorted(set(policy) - accepted)
     if unknown:
         raise UsageError(
             f"{source} has unknown key(s) {', '.join(map(repr, unknown))}: kombu's retry policy "
             f"takes {', '.join(sorted(accepted))}"
         )
+
+
+@functools.cache
+def _retry_policy_keys() -> frozenset[str]:
+    # Checked on every publish while a session runs: read kombu's signature once.
+    import inspect
+
+    from kombu.connection import Connection
+
+    return frozenset(inspect.signature(Connection.ensure).parameters) - {"self", "obj", "fun"}
+
+
+# Besides the connections every app opens through ``Celery._connection``, an app may hold a
+# connection pool, a producer pool or a result backend built before the test: these reach
+# them. Each is marked with whether using it means publishing (send_task takes a producer).
+_GUARDED_PROPERTIES = {"pool": False, "producer_pool": True, "backend": False}
+
+
+def hook_celery(route: Callable[[Any, bool], str | None]) -> Callable[[], None]:
+    """Hand every Celery app to ``route(app, publishing)`` before it reaches its broker or
+    result backend.
+
+    ``route`` may install things on the app first; a connection goes to the broker URL it
+    returns (``None``: the URL the app asked for). Returns the function that unhooks Celery.
+    """
+    from celery import Celery
+
+    originals = {name: vars(Celery)[name] for name in ("_connection", *_GUARDED_PROPERTIES)}
+    connect = originals["_connection"]
+
+    def _connection(app: Any, url: Any, *args: Any, **kwargs: Any) -> Any:
+        return connect(app, route(app, False) or url, *args, **kwargs)
+
+    def routed(prop: property, publishing: bool) -> property:
+        def get(app: Any) -> Any:
+            route(app, publishing)
+            return prop.__get__(app)
+
+        return property(get, prop.fset, prop.fdel, prop.__doc__)
+
+    Celery._connection = _connection
+    for name, publishing in _GUARDED_PROPERTIES.items():
+        setattr(Celery, name, routed(originals[name], publishing))
+
+    def unhook() -> None:
+        for name, original in originals.items():
+            setattr(Celery, name, original)
+
+    return unhook

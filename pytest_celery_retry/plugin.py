@@ -172,10 +172,15 @@ def celery_retry_clock(celery_retry_session: RetrySession) -> VirtualClock:
 
 
 @pytest.fixture
-def retry_worker(celery_retry_session: RetrySession) -> Iterator[RetryWorker]:
+def retry_worker(
+    celery_retry_session: RetrySession, celery_retry_app: Any, celery_retry_flavor: str | None
+) -> Iterator[RetryWorker]:
     """An in-process Celery worker that records every attempt and retry on virtual time."""
     from .worker import RetryWorker
 
+    # Installed now, so that what the test publishes before its first apply() (a delay(),
+    # send_task()) goes to the in-memory broker, where run_until_idle() finds it.
+    celery_retry_session.installation(celery_retry_app, flavor=celery_retry_flavor)
     worker = RetryWorker(celery_retry_session)
     try:
         yield worker
@@ -267,7 +272,7 @@ def broker_proxy(
 ) -> Iterator[Callable[[str], BrokerProxy]]:
     """Factory: ``broker_proxy("redis")`` or ``("amqp")`` puts a fault proxy in front of that real
     broker and points the app's broker URL at it. Skips when the broker's URL is not given."""
-    from .app_state import AppPatch
+    from .app_state import AppPatch, real_broker_apps
     from .proxy import URL_VARIABLES, BrokerProxy
 
     request.applymarker(pytest.mark.real_broker)
@@ -290,6 +295,8 @@ def broker_proxy(
         if not patches:
             patches.append(AppPatch(celery_retry_app))
         patches[0].install_broker(proxy.url)
+        # The one app the in-memory fixtures let out: the test asked for this broker.
+        real_broker_apps.add(celery_retry_app)
         return proxy
 
     try:
@@ -297,6 +304,7 @@ def broker_proxy(
     finally:
         try:
             for patch in patches:
+                real_broker_apps.discard(patch.app)
                 patch.restore()
         finally:
             for proxy in proxies:

@@ -7,10 +7,12 @@ ends, whether it passed or failed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .app_state import AppPatch, check_retry_policy
+from .app_state import AppPatch, check_retry_policy, hook_celery, real_broker_apps
 from .clock import VirtualClock
 
 if TYPE_CHECKING:
@@ -40,17 +42,38 @@ class AppInstallation:
 
 @dataclass
 class RetrySession:
+    """One test's plugin state. While it runs, no Celery app in the process leaves it: an app
+    that connects to its broker or uses its result backend gets the in-memory ones first
+    (apps a test pointed at a real broker through ``broker_proxy`` excepted).
+    """
+
     settings: Settings = field(default_factory=Settings)
     clock: VirtualClock = field(default_factory=VirtualClock)
     installations: dict[int, AppInstallation] = field(default_factory=dict)
+    # Every app's settings as the test found them, restored at close where they changed.
+    _patches: dict[int, AppPatch] = field(default_factory=dict)
     _signal_connected: bool = False
 
     def start(self) -> RetrySession:
-        self.clock.start()
+        try:
+            self.clock.start()
+            from celery import _state
+
+            for app in list(_state._apps):
+                self._patches[id(app)] = AppPatch(app)
+            _activate(self)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def installation(self, app: Any, flavor: str | None = None) -> AppInstallation:
-        """Install the in-memory broker (and result backend) on ``app``, once per test."""
+        """Install the in-memory broker (and result backend) on ``app``, once per test.
+
+        The app's publish retry policy is checked on every call: the test may set it at any
+        time, and kombu would only trip over a bad one when a publish fails.
+        """
+        check_retry_policy(app.conf.task_publish_retry_policy, "task_publish_retry_policy")
         installed = self.installations.get(id(app))
         if installed is not None:
             return installed
@@ -61,15 +84,17 @@ class RetrySession:
 
             before_task_publish.connect(announce_publish, weak=False, dispatch_uid=id(self))
             self._signal_connected = True
-        check_retry_policy(app.conf.task_publish_retry_policy, "task_publish_retry_policy")
+        if id(app) not in self._patches:  # an app made (or first seen) during the test
+            self._patches[id(app)] = AppPatch(app)
+        # This install alone, undone at once if it fails (the test's own changes stay).
         patch = AppPatch(app)
+        broker = InMemoryBroker(
+            self.clock,
+            flavor or flavor_for_url(app.conf.broker_url),
+            self.settings.seed,
+            replaces=app.conf.broker_url,
+        )
         try:
-            broker = InMemoryBroker(
-                self.clock,
-                flavor or flavor_for_url(app.conf.broker_url),
-                self.settings.seed,
-                replaces=app.conf.broker_url,
-            )
             patch.install_broker(broker.url)
             # A worker republishing a retry must not run it eagerly: that is the recursion
             # Task.apply() does, and not what production does.
@@ -77,27 +102,69 @@ class RetrySession:
             if self.settings.result_backend is not None:
                 patch.install_result_backend(self.settings.result_backend)
         except BaseException:
-            patch.restore()
+            try:
+                patch.restore()
+            finally:
+                broker.close()
             raise
         installed = AppInstallation(app, patch, broker)
         self.installations[id(app)] = installed
         return installed
 
     def close(self) -> None:
-        """Undo everything, in reverse order; always stops the clock."""
-        try:
-            for installed in reversed(list(self.installations.values())):
-                try:
-                    installed.patch.restore()
-                finally:
-                    installed.broker.close()
-            self.installations.clear()
+        """Undo everything, in reverse order, each step even when an earlier one fails."""
+        with ExitStack() as undo:
+            undo.callback(self.clock.stop)
             if self._signal_connected:
-                from celery.signals import before_task_publish
+                undo.callback(self._disconnect_signal)
+            for installed in self.installations.values():
+                undo.callback(installed.broker.close)
+            for patch in self._patches.values():
+                undo.callback(patch.restore)
+            for installed in self.installations.values():
+                undo.callback(installed.patch.restore)
+            # First of all: restoring an app must not route it back to a broker.
+            undo.callback(_deactivate, self)
+        self.installations.clear()
+        self._patches.clear()
 
-                from .broker import announce_publish
+    def _disconnect_signal(self) -> None:
+        from celery.signals import before_task_publish
 
-                before_task_publish.disconnect(announce_publish, dispatch_uid=id(self))
-                self._signal_connected = False
-        finally:
-            self.clock.stop()
+        from .broker import announce_publish
+
+        before_task_publish.disconnect(announce_publish, dispatch_uid=id(self))
+        self._signal_connected = False
+
+
+# The running sessions, the latest in charge; Celery is hooked while there is one.
+_active: list[RetrySession] = []
+_unhook: list[Callable[[], None]] = []
+
+
+def _route(app: Any, publishing: bool) -> str | None:
+    """Where ``app``'s next connection goes: the in-memory broker of the current session."""
+    if not _active or app in real_broker_apps:
+        return None
+    session = _active[-1]
+    installed = session.installations.get(id(app))
+    # Celery reaches for the backend and pools several times per task: the full call, which
+    # also checks the publish retry policy, only where it is needed.
+    if installed is None or publishing:
+        installed = session.installation(app)
+    return installed.broker.url
+
+
+def _activate(session: RetrySession) -> None:
+    if not _active:
+        _unhook.append(hook_celery(_route))
+    _active.append(session)
+
+
+def _deactivate(session: RetrySession) -> None:
+    remaining = [active for active in _active if active is not session]
+    if len(remaining) == len(_active):
+        return
+    _active[:] = remaining
+    if not _active:
+        _unhook.pop()()

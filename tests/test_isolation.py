@@ -7,7 +7,12 @@ control session leaks on purpose, to show that each check can fail.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+
+from pytest_celery_retry import ConfigurationError
+from tests.conftest import make_app
 
 pytest_plugins = ["pytester"]
 
@@ -116,7 +121,6 @@ def test_library_sleeps_are_time_sleep():
 
 def test_app_config_is_restored():
     assert dict(app.conf.changes) == CONF_BEFORE
-    assert app.conf.broker_url == "memory://"
     assert not app.conf.task_always_eager
     assert app._pool is None
     assert broker._brokers == {}
@@ -151,6 +155,14 @@ def test_signal_receivers_are_disconnected():
     assert plugin_receivers(signals.task_prerun) == []
     assert plugin_receivers(signals.task_postrun) == []
     assert plugin_receivers(signals.before_task_publish) == []
+
+
+def test_celery_is_not_hooked():
+    from celery import Celery
+
+    assert Celery._connection.__module__ == "celery.app.base"
+    for name in ("pool", "producer_pool", "backend"):
+        assert vars(Celery)[name].fget.__module__ == "celery.app.base"
 """
 
 CHECK_NAMES = (
@@ -159,6 +171,7 @@ CHECK_NAMES = (
     "test_app_config_is_restored",
     "test_no_connection_is_left_open",
     "test_signal_receivers_are_disconnected",
+    "test_celery_is_not_hooked",
 )
 
 
@@ -186,3 +199,180 @@ def test_the_checks_catch_a_leak(pytester: pytest.Pytester) -> None:
     result = run_in_order(pytester, LEAKING)
     result.assert_outcomes(failed=1 + len(CHECK_NAMES))
     result.stdout.fnmatch_lines([f"FAILED test_2_checks.py::{name}*" for name in CHECK_NAMES])
+
+
+# -- what a test changes on its apps ------------------------------------------------------------
+# A test may change its apps' settings before the plugin installs anything (or instead of it):
+# the settings are taken when the fixtures are set up, and put back at teardown on every path.
+SETTINGS_CONFTEST = """
+import pytest
+from celery import Celery
+
+app = Celery("settings", broker="memory://", set_as_current=False)
+other = Celery("other", broker="memory://", set_as_current=False)
+for configured in (app, other):
+    assert configured.conf.broker_url  # loads the configuration
+lazy = Celery("lazy", broker="memory://", set_as_current=False)  # not configured yet
+BEFORE = {"app": dict(app.conf.changes), "other": dict(other.conf.changes)}
+LAZY_BEFORE = dict(lazy._preconf)
+
+
+@app.task(name="ok")
+def ok():
+    return "ok"
+
+
+@other.task(name="other.ok")
+def other_ok():
+    return "other"
+
+
+@pytest.fixture
+def celery_retry_app():
+    return app
+
+
+@pytest.fixture
+def changes_settings_then_fails():
+    app.conf.task_acks_late = True
+    raise RuntimeError("the fixture fails after changing the app")
+
+
+@pytest.fixture
+def changes_settings_and_env(monkeypatch):
+    app.conf.task_default_queue = "elsewhere"
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://127.0.0.1:9//")  # refused by the install
+"""
+
+CHANGES_SETTINGS = """
+import pytest
+from conftest import app, lazy, ok, other, other_ok
+from pytest_celery_retry import UsageError
+
+
+def test_settings_before_the_first_apply(retry_worker):
+    app.conf.task_default_queue = "elsewhere"
+    app.conf.task_acks_late = True
+    app.conf.broker_connection_timeout = 30
+    assert retry_worker.apply(ok).state == "SUCCESS"
+
+
+def test_settings_of_another_app(retry_worker):
+    other.conf.task_default_queue = "other-queue"
+    assert retry_worker.apply(other_ok).result == "other"
+
+
+def test_settings_of_an_app_not_configured_yet(retry_worker):
+    lazy.conf.task_acks_late = True
+    assert not lazy.configured
+
+
+def test_settings_of_an_app_used_by_no_fixture(celery_retry_clock):
+    other.conf.broker_connection_timeout = 30
+
+
+def test_a_bad_retry_policy_is_refused(retry_worker):
+    app.conf.task_publish_retry_policy = {"max_retries": 2, "interval_strat": 1}
+    with pytest.raises(UsageError, match="interval_strat"):
+        retry_worker.apply(ok)
+
+
+def test_a_bad_retry_policy_fails_the_test(retry_worker):
+    app.conf.task_publish_retry_policy = {"max_retry": 2}
+    retry_worker.apply(ok)
+
+
+def test_the_fixture_set_up_fails(celery_retry_session, changes_settings_then_fails):
+    pass
+
+
+def test_the_install_is_refused(celery_retry_session, changes_settings_and_env, retry_worker):
+    pass
+"""
+
+SETTINGS_CHECKS = """
+from conftest import BEFORE, LAZY_BEFORE, app, lazy, ok, other
+
+
+def test_settings_are_as_before():
+    assert dict(app.conf.changes) == BEFORE["app"]
+    assert dict(other.conf.changes) == BEFORE["other"]
+    assert not lazy.configured
+    assert lazy._preconf == LAZY_BEFORE
+
+
+def test_the_app_still_works(retry_worker):
+    assert retry_worker.apply(ok).state == "SUCCESS"
+"""
+
+
+def run_settings_suite(pytester: pytest.Pytester, *options: str) -> pytest.RunResult:
+    pytester.makeconftest(SETTINGS_CONFTEST)
+    pytester.makepyfile(test_1_changes=CHANGES_SETTINGS, test_2_checks=SETTINGS_CHECKS)
+    pytester.syspathinsert()
+    return pytester.runpytest("-p", "no:cacheprovider", "-rA", *options)
+
+
+def test_settings_a_test_changes_are_restored_on_every_path(pytester: pytest.Pytester) -> None:
+    result = run_settings_suite(pytester, "-p", "no:randomly")
+    result.assert_outcomes(passed=7, failed=1, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*RuntimeError: the fixture fails after changing the app*",
+            "*ConfigurationError: the environment variable(s) CELERY_BROKER_URL override*",
+            "*UsageError: task_publish_retry_policy has unknown key(s) 'max_retry'*",
+            "ERROR test_1_changes.py::test_the_fixture_set_up_fails*",
+            "ERROR test_1_changes.py::test_the_install_is_refused*",
+            "FAILED test_1_changes.py::test_a_bad_retry_policy_fails_the_test*",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        *(("-p", "randomly", f"--randomly-seed={seed}") for seed in (1, 2, 3, 4)),
+        ("-p", "randomly", "--randomly-seed=5", "-p", "xdist", "-n", "2"),
+    ],
+    ids=["seed-1", "seed-2", "seed-3", "seed-4", "xdist"],
+)
+def test_in_any_order_only_the_failing_tests_fail(
+    pytester: pytest.Pytester, options: tuple[str, ...]
+) -> None:
+    run_settings_suite(pytester, *options).assert_outcomes(passed=7, failed=1, errors=2)
+
+
+@pytest.fixture
+def made_before_the_session() -> Any:
+    return make_app()
+
+
+def test_a_refused_install_keeps_the_tests_own_settings(
+    made_before_the_session: Any, retry_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = made_before_the_session
+    app.conf.task_acks_late = True
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://127.0.0.1:9//")
+
+    with pytest.raises(ConfigurationError, match="CELERY_BROKER_URL"):
+        retry_worker.apply(app.tasks["foo.task"])
+
+    assert app.conf.task_acks_late  # undone at teardown, not by the refusal
+
+
+def test_an_app_the_test_leaves_alone_keeps_its_pools_and_backend() -> None:
+    from pytest_celery_retry.session import RetrySession
+    from pytest_celery_retry.worker import RetryWorker
+
+    untouched, used = make_app(), make_app()
+    pool, producer_pool, backend = untouched.pool, untouched.producer_pool, untouched.backend
+    session = RetrySession().start()
+    worker = RetryWorker(session)
+    try:
+        worker.apply(used.tasks["foo.task"])
+    finally:
+        worker.close()
+        session.close()
+
+    assert (untouched._pool, untouched.amqp._producer_pool) == (pool, producer_pool)
+    assert untouched.backend is backend
