@@ -34,9 +34,11 @@ from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
+from .clock import VirtualClock
 from .errors import EndlessRetryError, UsageError, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun
 from .session import AppInstallation, RetrySession
+from .task_time import TaskTime
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "SUCCESS": "success",
@@ -62,16 +64,19 @@ class _InlinePool(BasePool):
 
     body_can_be_buffer = True
 
-    def __init__(self) -> None:
+    def __init__(self, clock: VirtualClock) -> None:
         super().__init__(limit=1)
         self.on_apply = self._apply
         # The error the next job's "worker process" dies with, if it is to die.
         self.crash_next: WorkerLostError | None = None
+        # A job's sleeps move the virtual clock, and its time limits apply as prefork's do.
+        self.task_time = TaskTime(clock)
 
     def _apply(self, target: Any, *args: Any, **kwargs: Any) -> None:
         lost, self.crash_next = self.crash_next, None
         if lost is None:
-            apply_target(target, *args, **kwargs)
+            with self.task_time.running(kwargs) as options:
+                apply_target(target, *args, **options)
             return
         kwargs["accept_callback"](os.getpid(), time.monotonic())
         try:
@@ -245,7 +250,7 @@ class RetryWorker:
         self.runs: dict[str, TaskRun] = {}
         self.events: list[MessageEvent] = []
         self._consumers: dict[int, _Consumer] = {}
-        self._pool = _InlinePool()
+        self._pool = _InlinePool(session.clock)
         self._current: Attempt | None = None
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
@@ -417,6 +422,7 @@ class RetryWorker:
             self._current = None
         if crash is not None:
             self._record_crash(attempt, crash, request, self.events[events_before:])
+        self._record_time_limits(attempt, *self._pool.task_time.take())
         if attempt.outcome is None:  # the tracer never ran: Celery's internal error path
             attempt.outcome = "failure"
         for message in broker.messages(queue=None, since=deliveries_before):
@@ -443,6 +449,18 @@ class RetryWorker:
             attempt.note = "worker lost; the message was acked before it ran: task not redelivered"
         else:
             attempt.note = "worker lost; acks_late acked it as failed: task not redelivered"
+
+    @staticmethod
+    def _record_time_limits(attempt: Attempt, soft: float | None, hard: Exception | None) -> None:
+        if hard is not None:
+            requeued = "; message requeued (acks_on_timeout=False)" if attempt.requeued else ""
+            attempt.outcome, attempt.exc, attempt.raised = "failure", hard, hard
+            attempt.note = (
+                f"hard time limit ({hard.args[0]:g} s) exceeded: the pool killed the worker "
+                f"process{requeued}"
+            )
+        elif soft is not None and not attempt.note:
+            attempt.note = f"soft time limit ({soft:g} s) exceeded"
 
     # -- Celery plumbing -------------------------------------------------------------------
     def _request_for(self, consumer: _Consumer, message: Any) -> Any:
@@ -550,6 +568,7 @@ class RetryWorker:
         random_state = random.getstate()
         random.seed(self.settings.seed)
         app.set_current()
+        self._pool.task_time.configure(app.conf)
         try:
             yield
         finally:
