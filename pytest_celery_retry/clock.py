@@ -94,9 +94,7 @@ class VirtualClock:
         return self
 
     def stop(self) -> None:
-        for module, name, original in reversed(self._patched_sleeps):
-            setattr(module, name, original)
-        self._patched_sleeps.clear()
+        self._unpatch_sleeps()
         self._sleeper = None
         if self._restore_now is not None:
             restore, self._restore_now = self._restore_now, None
@@ -202,7 +200,7 @@ class VirtualClock:
 
     def _patch_sleeps(self) -> None:
         # One pass over the loaded modules; a module imported later with ``from time import
-        # sleep`` gets the patched time.sleep, which sleeps for real once the clock stops.
+        # sleep`` takes the patched time.sleep, and gets the real one back at stop().
         patches: list[tuple[Any, Any]] = [(time, self._thread_sleep)]
         for name, module in list(sys.modules.items()):
             if module is None or module is time or name.startswith(_SLEEP_IGNORE_PREFIXES):
@@ -213,6 +211,17 @@ class VirtualClock:
         for module, stand_in in patches:
             self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
             module.sleep = stand_in
+
+    def _unpatch_sleeps(self) -> None:
+        for module, name, original in reversed(self._patched_sleeps):
+            setattr(module, name, original)
+        if not self._patched_sleeps:
+            return
+        self._patched_sleeps.clear()
+        # Modules imported while the clock ran took the stand-in from time.sleep.
+        for module in list(sys.modules.values()):
+            if getattr(getattr(module, "sleep", None), "__self__", None) is self:
+                setattr(module, "sleep", _REAL_SLEEP)  # noqa: B010 (a module, typed as one)
 
 
 def _fix_aware_now() -> Callable[[], None]:
