@@ -70,6 +70,8 @@ class VirtualClock:
         self._frozen: Any = None
         self._patched_sleeps: list[tuple[Any, str, Any]] = []
         self._restore_now: Callable[[], None] | None = None
+        self._local_offset = timedelta(0)
+        self._offset_slot = 0
         self._sleeper: _SleepingThread | None = None
         self.slept: float = 0.0
 
@@ -77,19 +79,13 @@ class VirtualClock:
     def start(self) -> VirtualClock:
         if self._freezer is not None:
             return self
-        from freezegun import freeze_time
+        from freezegun.api import freeze_time, tz_offsets
 
-        # Naive local time stays local: a naive datetime.now() is the process's local time at
-        # the virtual moment, as in production, where Celery reads a naive ETA as UTC. The
-        # offset is the one in force at the start (DST included) and stays for the whole test.
-        offset = local_utc_offset(self.started_at)
         # pytest times its own phases: give it real time, or --durations reports nonsense.
-        self._freezer = freeze_time(
-            self.started_at, tick=False, ignore=["_pytest."], tz_offset=offset
-        )
+        self._freezer = freeze_time(self.started_at, tick=False, ignore=["_pytest."])
         self._frozen = self._freezer.start()
-        if offset:
-            self._restore_now = _fix_aware_now()
+        self._offset_slot = len(tz_offsets) - 1  # this freeze's entry in freezegun's stack
+        self._follow_local_offset()
         self._patch_sleeps()
         return self
 
@@ -99,6 +95,7 @@ class VirtualClock:
         if self._restore_now is not None:
             restore, self._restore_now = self._restore_now, None
             restore()
+        self._local_offset = timedelta(0)
         if self._freezer is not None:
             freezer, self._freezer, self._frozen = self._freezer, None, None
             freezer.stop()
@@ -137,6 +134,7 @@ class VirtualClock:
         self._require_running()
         if seconds:
             self._frozen.tick(timedelta(seconds=seconds))
+            self._follow_local_offset()
 
     def advance_to(self, when: datetime) -> None:
         """Move virtual time forward to ``when``; a moment already past is a no-op."""
@@ -145,6 +143,21 @@ class VirtualClock:
         delta = (when - self.now()).total_seconds()
         if delta > 0:
             self.advance(delta)
+
+    def _follow_local_offset(self) -> None:
+        """Keep naive local time local: the process's UTC offset at the virtual moment.
+
+        A naive ``datetime.now()`` is local time in production, and Celery reads a naive ETA
+        as UTC: the tests must see the same. A DST change on the way moves it, as it would.
+        """
+        offset = local_utc_offset(self.now())
+        if offset == self._local_offset:
+            return
+        from freezegun.api import tz_offsets
+
+        tz_offsets[self._offset_slot] = self._local_offset = offset
+        if self._restore_now is None:
+            self._restore_now = _fix_aware_now()
 
     def sleep(self, seconds: float) -> None:
         """Stand-in for ``time.sleep`` inside kombu and Celery: time passes, nobody waits.

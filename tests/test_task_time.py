@@ -238,3 +238,104 @@ def test_hard_time_limit_with_acks_late_requeues_unless_acks_on_timeout(retry_wo
         "message requeued (acks_on_timeout=False)"
     )
     assert seen.count("caught the soft limit") == 3
+
+
+NEW_YORK_TESTS = """
+import time
+from datetime import date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+from celery import Celery
+
+NEW_YORK = ZoneInfo("America/New_York")
+app = Celery("tz", broker="memory://", set_as_current=False)
+
+
+@app.task(name="remind", bind=True, max_retries=1)
+def remind(self):
+    if not self.request.retries:
+        # The bug to catch: a naive local ETA, which Celery reads as UTC.
+        raise self.retry(eta=datetime.now() + timedelta(seconds=30))
+    return "reminded"
+
+
+@app.task(name="later", bind=True, max_retries=1)
+def later(self):
+    if not self.request.retries:
+        raise self.retry(countdown=30)
+    return "later"
+
+
+@app.task(name="readings")
+def readings():
+    return {
+        "now": datetime.now().isoformat(),
+        "today": datetime.today().isoformat(),
+        "date": date.today().isoformat(),
+        "fromtimestamp": datetime.fromtimestamp(time.time()).isoformat(),
+        "localtime": list(time.localtime()[:6]),
+        "astimezone": datetime.now().astimezone().isoformat(),
+        "utc": datetime.now(timezone.utc).isoformat(),
+        "new_york": datetime.now(NEW_YORK).isoformat(),
+        "utcnow": datetime.utcnow().isoformat(),
+        "time": time.time(),
+        "app.now": app.now().isoformat(),
+    }
+
+
+def test_naive_local_time_is_local(retry_worker):
+    assert time.localtime(0).tm_gmtoff != 0  # the subprocess really runs in New York
+    utc = retry_worker.clock.now()
+    local = utc.astimezone(NEW_YORK).replace(tzinfo=None)
+
+    seen = retry_worker.apply(readings).result
+
+    assert seen["now"] == seen["today"] == seen["fromtimestamp"] == local.isoformat()
+    assert seen["date"] == local.date().isoformat()
+    assert datetime.fromisoformat(seen["astimezone"]) == utc
+    assert datetime.fromisoformat(seen["new_york"]) == utc
+    assert seen["utc"] == seen["app.now"] == utc.isoformat()
+    assert seen["utcnow"] == utc.replace(tzinfo=None).isoformat()
+    assert seen["time"] == utc.timestamp()
+    if not time.localtime(utc.timestamp()).tm_isdst:  # freezegun's localtime() knows no DST
+        assert seen["localtime"] == list(local.timetuple()[:6])
+
+
+def test_naive_local_time_follows_a_dst_change():
+    from pytest_celery_retry import VirtualClock
+
+    # 01:30 EST on the night New York moves its clocks from 02:00 to 03:00.
+    with VirtualClock(start=datetime(2026, 3, 8, 6, 30, tzinfo=timezone.utc)) as clock:
+        assert datetime.now() == datetime(2026, 3, 8, 1, 30)
+        clock.advance(3600)
+        assert datetime.now() == datetime(2026, 3, 8, 3, 30)
+        assert datetime.now(timezone.utc) == datetime(2026, 3, 8, 7, 30, tzinfo=timezone.utc)
+    assert datetime.now().year >= 2026  # the real clock again
+
+
+def test_a_naive_local_eta_runs_at_once_as_in_new_york(retry_worker):
+    run = retry_worker.apply(remind)
+    # Real Celery in New York: the retry ran 0.00 s after the first attempt, not 30 s.
+    assert run.result == "reminded"
+    assert [a.t for a in run.attempts] == [0, 0]
+
+
+def test_countdowns_are_not_shifted(retry_worker):
+    run = retry_worker.apply(later)
+    assert [a.t for a in run.attempts] == [0, 30]
+    assert run.countdowns == [30]
+"""
+
+
+def test_naive_local_time_stays_local_under_the_clock(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zoneinfo = pytest.importorskip("zoneinfo")
+    try:
+        zoneinfo.ZoneInfo("America/New_York")
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip("no time zone database for America/New_York")
+    monkeypatch.setenv("TZ", "America/New_York")
+    pytester.makepyfile(test_new_york=NEW_YORK_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
