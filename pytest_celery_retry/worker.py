@@ -453,12 +453,12 @@ class RetryWorker:
     @staticmethod
     def _record_time_limits(attempt: Attempt, soft: float | None, hard: Exception | None) -> None:
         if hard is not None:
-            requeued = "; message requeued (acks_on_timeout=False)" if attempt.requeued else ""
             attempt.outcome, attempt.exc, attempt.raised = "failure", hard, hard
             attempt.note = (
-                f"hard time limit ({hard.args[0]:g} s) exceeded: the pool killed the worker "
-                f"process{requeued}"
+                f"hard time limit ({hard.args[0]:g} s) exceeded: the pool killed the worker process"
             )
+            if attempt.requeued:
+                attempt.note += "; message requeued (acks_late, not acked on timeout)"
         elif soft is not None and not attempt.note:
             attempt.note = f"soft time limit ({soft:g} s) exceeded"
 
