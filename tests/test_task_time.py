@@ -50,7 +50,7 @@ def test_sleep_in_a_task_moves_the_virtual_clock(app, retry_worker):
     wall = real_perf_counter()
     run = retry_worker.apply(nap)
 
-    assert real_perf_counter() - wall < 1.5  # nobody waited the 2 + 2 s
+    assert real_perf_counter() - wall < 3.5  # nobody waited the 2 + 2 s
     assert run.result == "rested"
     # The retry's ETA counts from the end of the sleep, as on a real worker.
     assert [a.t for a in run.attempts] == [0, 12]
