@@ -3,15 +3,18 @@
 Celery computes ETAs with ``app.now()`` and kombu measures its connect timeout with
 ``time.time()``; freezegun answers both. kombu waits between publish retries with
 ``time.sleep``, which freezegun leaves alone, so the clock also stands in for the
-``sleep`` that kombu and Celery imported at module level.
+``sleep`` that kombu and Celery imported at module level. While the retry worker runs a task
+body, ``time.sleep`` in the worker's thread moves the clock too (see ``sleeping_here``).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -24,6 +27,33 @@ _SLEEP_PATCH_PREFIXES = ("kombu.", "celery.")
 # The end of virtual time. datetime stops at the end of 9999, and Celery converts ETAs between
 # time zones, which must not overflow either: a year's margin is plenty and easy to name.
 LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc)
+# Everyone else's ``time.sleep`` (and ``from time import sleep``) goes through a stand-in that
+# sleeps for real unless its thread is running a task body; pytest's own modules are left alone,
+# as freezegun leaves them their real time.
+_SLEEP_IGNORE_PREFIXES = ("_pytest.", "pytest.")
+
+
+@dataclass
+class Alarm:
+    """Something that happens at a virtual moment (``elapsed`` seconds) while a task sleeps.
+
+    ``ring`` runs in the sleeping thread, the way a signal handler does, and may raise into it.
+    """
+
+    at: float
+    ring: Callable[[], None]
+
+
+@dataclass
+class _SleepingThread:
+    ident: int
+    alarms: list[Alarm]
+
+
+def local_utc_offset(when: datetime) -> timedelta:
+    """The process's own UTC offset (``TZ``, DST included) at the moment ``when``."""
+    # With an explicit timestamp, freezegun's localtime() answers with the real one.
+    return timedelta(seconds=time.localtime(when.timestamp()).tm_gmtoff)
 
 
 class VirtualClock:
@@ -42,24 +72,33 @@ class VirtualClock:
         self._freezer: Any = None
         self._frozen: Any = None
         self._patched_sleeps: list[tuple[Any, str, Any]] = []
+        self._restore_now: Callable[[], None] | None = None
+        self._local_offset = timedelta(0)
+        self._offset_slot = 0
+        self._sleeper: _SleepingThread | None = None
         self.slept: float = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> VirtualClock:
         if self._freezer is not None:
             return self
-        from freezegun import freeze_time
+        from freezegun.api import freeze_time, tz_offsets
 
         # pytest times its own phases: give it real time, or --durations reports nonsense.
         self._freezer = freeze_time(self.started_at, tick=False, ignore=["_pytest."])
         self._frozen = self._freezer.start()
-        self._patch_library_sleeps()
+        self._offset_slot = len(tz_offsets) - 1  # this freeze's entry in freezegun's stack
+        self._follow_local_offset()
+        self._patch_sleeps()
         return self
 
     def stop(self) -> None:
-        for module, name, original in reversed(self._patched_sleeps):
-            setattr(module, name, original)
-        self._patched_sleeps.clear()
+        self._unpatch_sleeps()
+        self._sleeper = None
+        if self._restore_now is not None:
+            restore, self._restore_now = self._restore_now, None
+            restore()
+        self._local_offset = timedelta(0)
         if self._freezer is not None:
             freezer, self._freezer, self._frozen = self._freezer, None, None
             freezer.stop()
@@ -109,6 +148,7 @@ class VirtualClock:
                 f"{left:.0f} s from now (a datetime ends with the year 9999)"
             )
         self._frozen.tick(timedelta(seconds=seconds))
+        self._follow_local_offset()
 
     def seconds_left(self) -> float:
         """How far the clock can still move: up to :data:`LATEST`."""
@@ -122,24 +162,123 @@ class VirtualClock:
         if delta > 0:
             self.advance(delta)
 
+    def _follow_local_offset(self) -> None:
+        """Keep naive local time local: the process's UTC offset at the virtual moment.
+
+        A naive ``datetime.now()`` is local time in production, and Celery reads a naive ETA
+        as UTC: the tests must see the same. A DST change on the way moves it, as it would.
+        """
+        offset = local_utc_offset(self.now())
+        if offset == self._local_offset:
+            return
+        from freezegun.api import tz_offsets
+
+        tz_offsets[self._offset_slot] = self._local_offset = offset
+        if self._restore_now is None:
+            self._restore_now = _fix_aware_now()
+
     def sleep(self, seconds: float) -> None:
-        """Stand-in for ``time.sleep`` inside kombu and Celery: time passes, nobody waits."""
+        """Stand-in for ``time.sleep`` inside kombu and Celery: time passes, nobody waits.
+
+        In the thread of :meth:`sleeping_here`, an alarm that falls within the sleep stops the
+        clock at its moment and rings there, as a signal interrupts a real ``sleep``.
+        """
         seconds = float(seconds)
+        sleeper = self._sleeper
+        if sleeper is not None and sleeper.ident == threading.get_ident():
+            wake_at = self.elapsed + max(seconds, 0.0)
+            while sleeper.alarms and sleeper.alarms[0].at <= wake_at:
+                alarm = sleeper.alarms.pop(0)
+                self._pass(alarm.at - self.elapsed)
+                alarm.ring()
+            seconds = wake_at - self.elapsed
+        self._pass(seconds)
+
+    def _pass(self, seconds: float) -> None:
         if seconds > 0:
             self.slept += seconds
             self.advance(seconds)
+
+    @contextmanager
+    def sleeping_here(self, alarms: Sequence[Alarm] = ()) -> Iterator[None]:
+        """While the block runs, ``time.sleep`` in this thread moves the clock instead of waiting.
+
+        Other threads keep sleeping for real. ``alarms`` ring when a sleep reaches them.
+        """
+        self._require_running()
+        outer = self._sleeper
+        self._sleeper = _SleepingThread(
+            threading.get_ident(), sorted(alarms, key=lambda alarm: alarm.at)
+        )
+        try:
+            yield
+        finally:
+            self._sleeper = outer
+
+    def _thread_sleep(self, seconds: float) -> None:
+        """``time.sleep`` while the clock runs: virtual only in the thread of ``sleeping_here``."""
+        sleeper = self._sleeper
+        if sleeper is None or sleeper.ident != threading.get_ident():
+            _REAL_SLEEP(seconds)
+        elif seconds < 0:
+            raise ValueError("sleep length must be non-negative")  # as time.sleep's own
+        else:
+            self.sleep(seconds)
 
     def _require_running(self) -> None:
         if self._frozen is None:
             raise UsageError("the virtual clock is not running: use it inside the fixture's test")
 
-    def _patch_library_sleeps(self) -> None:
+    def _patch_sleeps(self) -> None:
+        # One pass over the loaded modules; a module imported later with ``from time import
+        # sleep`` takes the patched time.sleep, and gets the real one back at stop().
+        patches: list[tuple[Any, Any]] = [(time, self._thread_sleep)]
         for name, module in list(sys.modules.items()):
-            if module is None or not name.startswith(_SLEEP_PATCH_PREFIXES):
+            if module is None or module is time or name.startswith(_SLEEP_IGNORE_PREFIXES):
                 continue
             if getattr(module, "sleep", None) is _REAL_SLEEP:
-                self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
-                module.sleep = self.sleep  # type: ignore[attr-defined]
+                library = name.startswith(_SLEEP_PATCH_PREFIXES)
+                patches.append((module, self.sleep if library else self._thread_sleep))
+        for module, stand_in in patches:
+            self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
+            module.sleep = stand_in
+
+    def _unpatch_sleeps(self) -> None:
+        for module, name, original in reversed(self._patched_sleeps):
+            setattr(module, name, original)
+        if not self._patched_sleeps:
+            return
+        self._patched_sleeps.clear()
+        # Modules imported while the clock ran took the stand-in from time.sleep.
+        for module in list(sys.modules.values()):
+            if getattr(getattr(module, "sleep", None), "__self__", None) is self:
+                setattr(module, "sleep", _REAL_SLEEP)  # noqa: B010 (a module, typed as one)
+
+
+def _fix_aware_now() -> Callable[[], None]:
+    """Make freezegun's aware ``datetime.now(tz)`` ignore ``tz_offset``; returns the undo.
+
+    freezegun adds ``tz_offset`` to aware times too (spulec/freezegun#348), which would move
+    Celery's ``app.now()`` (``datetime.now(timezone.utc)``) by the local offset. Only the naive
+    ``now()`` is local time.
+    """
+    from freezegun.api import FakeDatetime, datetime_to_fakedatetime
+
+    original = FakeDatetime.__dict__["now"]
+    naive_now = original.__func__
+
+    def now(cls: Any, tz: Any = None) -> Any:
+        if tz is None:
+            return naive_now(cls)
+        utc = cls.utcnow()
+        return datetime_to_fakedatetime(tz.fromutc(utc.replace(tzinfo=tz)))
+
+    FakeDatetime.now = classmethod(now)  # type: ignore[assignment,method-assign]
+
+    def restore() -> None:
+        FakeDatetime.now = original  # type: ignore[method-assign]
+
+    return restore
 
 
 @contextmanager

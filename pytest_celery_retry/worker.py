@@ -38,10 +38,11 @@ from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
-from .clock import LATEST
+from .clock import LATEST, VirtualClock
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun, describe_exception, parse_eta
 from .session import AppInstallation, RetrySession
+from .task_time import TaskTime
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "SUCCESS": "success",
@@ -77,13 +78,15 @@ class _InlinePool(BasePool):
 
     body_can_be_buffer = True
 
-    def __init__(self) -> None:
+    def __init__(self, clock: VirtualClock) -> None:
         super().__init__(limit=1)
         self.on_apply = self._apply
         # The error the next job's "worker process" dies with, if it is to die.
         self.crash_next: WorkerLostError | None = None
         # The BaseException the last job raised, if it raised one that is no Exception.
         self.raised: BaseException | None = None
+        # A job's sleeps move the virtual clock, and its time limits apply as prefork's do.
+        self.task_time = TaskTime(clock)
 
     def _apply(self, target: Any, *args: Any, **kwargs: Any) -> None:
         lost, self.crash_next = self.crash_next, None
@@ -93,8 +96,10 @@ class _InlinePool(BasePool):
             _report_failure(kwargs, lost)
             return
         try:
-            # Every exception comes back here, where the prefork child's loop would see it.
-            apply_target(target, *args, propagate=(BaseException,), **kwargs)
+            # The time limits' own unwinding ends inside ``running``; every other exception
+            # comes back here, where the prefork child's loop would see it.
+            with self.task_time.running(kwargs) as options:
+                apply_target(target, *args, **{**options, "propagate": (BaseException,)})
         except (Exception, *_TEST_RUN_EXCEPTIONS):
             raise
         except BaseException as exc:
@@ -374,7 +379,7 @@ class RetryWorker:
         self.runs: dict[str, TaskRun] = {}
         self.events: list[MessageEvent] = []
         self._consumers: dict[int, _Consumer] = {}
-        self._pool = _InlinePool()
+        self._pool = _InlinePool(session.clock)
         self._current: Attempt | None = None
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
@@ -563,6 +568,7 @@ class RetryWorker:
             self._record_pool_failure(
                 attempt, cause, crash is not None, request, self.events[events_before:]
             )
+        self._record_time_limits(attempt, *self._pool.task_time.take())
         if attempt.outcome is None:  # the tracer never ran: Celery's internal error path
             attempt.outcome = "failure"
         for message in broker.messages(queue=None, since=deliveries_before):
@@ -625,6 +631,18 @@ class RetryWorker:
             attempt.note = f"{lost}; the message was acked {ran}: task not redelivered"
         else:
             attempt.note = f"{lost}; acks_late acked it as failed: task not redelivered"
+
+    @staticmethod
+    def _record_time_limits(attempt: Attempt, soft: float | None, hard: Exception | None) -> None:
+        if hard is not None:
+            attempt.outcome, attempt.exc, attempt.raised = "failure", hard, hard
+            attempt.note = (
+                f"hard time limit ({hard.args[0]:g} s) exceeded: the pool killed the worker process"
+            )
+            if attempt.requeued:
+                attempt.note += "; message requeued (acks_late, not acked on timeout)"
+        elif soft is not None and not attempt.note:
+            attempt.note = f"soft time limit ({soft:g} s) exceeded"
 
     # -- Celery plumbing -------------------------------------------------------------------
     def _request_for(self, consumer: _Consumer, message: Any) -> Any:
@@ -748,6 +766,7 @@ class RetryWorker:
         random_state = random.getstate()
         random.seed(self.settings.seed)
         app.set_current()
+        self._pool.task_time.configure(app.conf)
         try:
             yield
         finally:
