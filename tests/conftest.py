@@ -23,6 +23,8 @@ def _kombu_version() -> tuple[int, int]:
 # follow kombu's defaults (2 s, then 4 s more) until broker_connection_timeout. The plugin runs
 # kombu's code, so it reports what the installed kombu does; the tests expect the same.
 POLICY_ON_FRESH_CONNECT = _kombu_version() >= (5, 5)
+# kombu 5.7 fixed its TokenBucket counting the time a full bucket sat idle as refill time.
+TOKEN_BUCKET_COUNTS_IDLE_TIME_RIGHT = _kombu_version() >= (5, 7)
 # Tries of the seed's publish on a fresh connection refused twice (delivered on the third).
 SEED_FRESH_TRIES = [0, 3, 7] if POLICY_ON_FRESH_CONNECT else [0, 2, 6]
 SEED_FRESH_INTERVALS = [b - a for a, b in zip(SEED_FRESH_TRIES, SEED_FRESH_TRIES[1:])]

@@ -37,7 +37,7 @@ from kombu.transport import memory, pyamqp, virtual
 from kombu.utils.uuid import uuid
 
 from pytest_celery_retry.app_state import reset_connections
-from tests.conftest import make_app
+from tests.conftest import TOKEN_BUCKET_COUNTS_IDLE_TIME_RIGHT, make_app
 
 # Countdowns are compared to a tenth of a second: the real side measures them as the
 # message's ETA minus the moment it was published, a few milliseconds after Celery took the
@@ -213,9 +213,19 @@ CASES = [
     Case("outage-absorbed", countdown_with_a_third_attempt, outage=Outage(retry=2, refusals=1)),
     Case("outage-task-lost", countdown_with_a_third_attempt, outage=Outage(retry=2, refusals=4)),
     # The worker's token bucket holds retries back, ETA retries too: 0, 1, 2 s at 1/s.
-    Case("rate-limit", rate_limited("1/s", 0), timed=True),
-    Case("rate-limit-eta", rate_limited("1/s", 0.2), timed=True),
-    Case("rate-limit-eta-then-bucket", rate_limited("2/s", 0.3), timed=True),
+    *(
+        [
+            Case("rate-limit", rate_limited("1/s", 0), timed=True),
+            Case("rate-limit-eta", rate_limited("1/s", 0.2), timed=True),
+            Case("rate-limit-eta-then-bucket", rate_limited("2/s", 0.3), timed=True),
+        ]
+        # kombu < 5.7's TokenBucket counts the time a full bucket sat idle as refill time, so
+        # the real worker's first retry comes as early as its idle time since start-up allows
+        # (measured with kombu 5.3: 0, 0.3, 1.3 s at 1/s): that compares start-up times, not
+        # the rate limit. The plugin runs kombu's bucket either way (docs/worker.md).
+        if TOKEN_BUCKET_COUNTS_IDLE_TIME_RIGHT
+        else []
+    ),
     Case(
         "rate-limits-disabled",
         rate_limited("1/s", 0, worker_disable_rate_limits=True),
