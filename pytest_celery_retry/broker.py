@@ -16,15 +16,12 @@ Redis command when the channel closes, and if Redis is down then, they wait in i
 from __future__ import annotations
 
 import base64
-import inspect
 import itertools
-import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any
-from urllib.parse import urlsplit
 
 import kombu.transport as kombu_transport
 from kombu import serialization
@@ -34,11 +31,11 @@ from kombu.transport import TRANSPORT_ALIASES, memory, virtual
 from .clock import VirtualClock
 from .errors import (
     CeleryRetryError,
-    ConfigurationError,
     UsageError,
     is_finite_number,
     is_whole_number,
 )
+from .flavors import Flavor, flavor_named
 from .records import (
     BrokerOperation,
     DeliveredMessage,
@@ -51,17 +48,6 @@ from .records import (
 )
 
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
-FLAVORS = ("pyamqp", "redis")
-_DEFAULT_PORTS = {"pyamqp": 5672, "redis": 6379}
-_FLAVOR_OF_SCHEME = {
-    "amqp": "pyamqp",
-    "amqps": "pyamqp",
-    "pyamqp": "pyamqp",
-    "librabbitmq": "pyamqp",
-    "redis": "redis",
-    "rediss": "redis",
-    "sentinel": "redis",
-}
 CONSUMER_ROLE_OPTION = "celery_retry_role"
 
 ExceptionFactory = Callable[[OperationKind], BaseException]
@@ -78,68 +64,6 @@ class BrokerDownError(CeleryRetryError, OperationalError):
     It is also kombu's ``OperationalError``, which a real worker's consumer ends with once
     ``broker_connection_max_retries`` reconnects have failed.
     """
-
-
-def flavor_for_url(url: str | None) -> str:
-    """The fault flavour matching a broker URL's transport (pyamqp, Celery's default, otherwise)."""
-    scheme = (url or "").split("://", 1)[0].split("+", 1)[-1].lower()
-    return _FLAVOR_OF_SCHEME.get(scheme, "pyamqp")
-
-
-def _real_transport(flavor: str) -> type:
-    if flavor == "redis":
-        # kombu's redis transport imports without redis-py and then fails defining its client
-        # classes (AttributeError); its error classes are redis-py's, so there is no stand-in.
-        try:
-            import redis  # noqa: F401
-        except ImportError as exc:
-            raise ConfigurationError(
-                "the redis flavour of the in-memory broker (a redis:// broker URL, or "
-                "celery_retry_flavor='redis') raises and declares redis-py's errors, as kombu's "
-                'redis transport does, but redis-py is not installed: pip install "pytest-celery-'
-                'retry[redis]" (or choose the pyamqp flavour with celery_retry_flavor)'
-            ) from exc
-        from kombu.transport import redis as redis_transport
-
-        return redis_transport.Transport
-    from kombu.transport import pyamqp
-
-    return pyamqp.Transport
-
-
-def broker_address(url: str | None, flavor: str) -> str:
-    """``host:port`` of the (first) broker in ``url``, with the flavour's default port."""
-    parts = urlsplit((url or "").split(";", 1)[0])
-    try:
-        port = parts.port
-    except ValueError:  # not a port number: the real client would fail on it, not us
-        port = None
-    return f"{parts.hostname or 'localhost'}:{port or _DEFAULT_PORTS[flavor]}"
-
-
-def _default_error(flavor: str, kind: OperationKind, address: str) -> BaseException:
-    """What the real transport raises when the broker at ``address`` refuses or drops it.
-
-    redis-py names the address it could not reach; py-amqp raises the bare socket error
-    (measured: ``ConnectionRefusedError(111, 'Connection refused')``), so that one does not.
-    """
-    if flavor == "redis":
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        if kind == "connect":
-            return RedisConnectionError(f"Error 111 connecting to {address}. Connection refused.")
-        return RedisConnectionError("Connection closed by server.")
-    if kind == "connect":
-        return ConnectionRefusedError(111, "Connection refused")
-    return ConnectionResetError(104, "Connection reset by peer")
-
-
-def _closed_by_broker_error(flavor: str, address: str) -> BaseException:
-    """What the real transport raises on a connection the broker closed while it was away."""
-    if flavor == "redis":
-        return _default_error(flavor, "consume", address)
-    # py-amqp, measured through the fault proxy after a 0.5 s cut (tests/test_real_brokers.py).
-    return OSError("Server unexpectedly closed connection")
 
 
 class _QoS(virtual.QoS):
@@ -192,9 +116,8 @@ class _Channel(memory.Channel):
         # consumer rejected it or its connection closed): not a publish that can fail, and
         # not a new delivery.
         broker = self.connection.broker
-        if broker.flavor == "redis" and broker.is_down:
-            # kombu's redis QoS restores with Redis commands, which fail while Redis is down:
-            # the message stays in the ``unacked`` hash until a visibility sweep finds it.
+        if broker.rules.parks_unacked_while_down and broker.is_down:
+            # The message stays in the ``unacked`` hash until a visibility sweep finds it.
             delivered_at = self.qos.delivered_at.pop(message.delivery_tag, broker.clock.elapsed)
             broker.unacked.append((delivered_at, message))
             return
@@ -253,8 +176,8 @@ class _Transport(memory.Transport):
         return "N/A"
 
 
-def _flavored_transport(flavor: str) -> type[_Transport]:
-    real = _real_transport(flavor)
+def _flavored_transport(flavor: Flavor) -> type[_Transport]:
+    real = flavor.real_transport()
     # Copy only what the real transport declares: kombu treats a transport without
     # ``recoverable_connection_errors`` differently (redis), and that must stay so.
     declared = {
@@ -268,73 +191,25 @@ def _flavored_transport(flavor: str) -> type[_Transport]:
         if name in vars(real) or hasattr(real, name)
     }
     return type(
-        f"Flaky{flavor.capitalize()}Transport", (_Transport,), {"flavor": flavor, **declared}
+        f"Flaky{flavor.name.capitalize()}Transport",
+        (_Transport,),
+        {"flavor": flavor.name, **declared},
     )
 
 
 _transports: dict[str, type[_Transport]] = {}
 
 
-def transport_for(flavor: str) -> type[_Transport]:
-    if flavor not in FLAVORS:
-        raise UsageError(f"unknown broker flavor {flavor!r}: choose one of {', '.join(FLAVORS)}")
-    if flavor not in _transports:
-        transport = _transports[flavor] = _flavored_transport(flavor)
-        scheme = f"celery-retry-{flavor}"
-        globals()[f"_{flavor}_transport"] = transport
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:_{flavor}_transport"
+def transport_for(flavor: Flavor) -> type[_Transport]:
+    if flavor.name not in _transports:
+        transport = _transports[flavor.name] = _flavored_transport(flavor)
+        scheme = f"celery-retry-{flavor.name}"
+        globals()[f"_{flavor.name}_transport"] = transport
+        TRANSPORT_ALIASES[scheme] = f"{__name__}:_{flavor.name}_transport"
         # kombu caches resolved transports: if this module is ever imported afresh (pytester
         # does that), the cache must point at the new class and its broker registry.
         kombu_transport._transport_cache[scheme] = transport
-    return _transports[flavor]
-
-
-@dataclass(frozen=True)
-class VisibilityTimeout:
-    """When kombu's redis transport gives back messages a lost consumer never acknowledged.
-
-    A worker's redis transport sweeps the ``unacked`` index when its consumer registers with
-    the event loop and then on every ``unacked_restore_throttle``-th call of a timer that
-    fires every ``unacked_restore_interval`` seconds (kombu < 5.7: every 10th call, every
-    10 s). A sweep restores the messages delivered at least ``visibility_timeout`` seconds
-    before it. The figures come from the installed kombu and the app's transport options.
-    """
-
-    visibility_timeout: float
-    sweep_every: float
-
-    @classmethod
-    def for_app(cls, app: Any) -> VisibilityTimeout:
-        from kombu.transport import redis
-
-        options = app.conf.broker_transport_options or {}
-        channel = redis.Channel
-        timeout = options.get("visibility_timeout", channel.visibility_timeout)
-        # kombu < 5.7 hard-codes the timer (10 s) and takes restore_visible's default throttle.
-        interval = _SWEEP_TIMER_BEFORE_KOMBU_5_7
-        throttle = inspect.signature(redis.QoS.restore_visible).parameters["interval"].default
-        if hasattr(channel, "unacked_restore_interval"):
-            interval = options.get("unacked_restore_interval", channel.unacked_restore_interval)
-            if interval <= 0:
-                interval = channel.unacked_restore_interval
-            throttle = options.get("unacked_restore_throttle", channel.unacked_restore_throttle)
-        return cls(float(timeout), float(interval * (throttle or 1)))
-
-    def last_sweep(self, registered_at: float, now: float) -> float:
-        """The latest sweep at or before ``now`` of a consumer registered at ``registered_at``."""
-        sweeps = math.floor((now - registered_at) / self.sweep_every + _EPSILON)
-        return registered_at + max(sweeps, 0) * self.sweep_every
-
-    def next_restore(self, delivered_at: float, registered_at: float, now: float) -> float:
-        """The first sweep from ``now`` on that finds a message delivered at ``delivered_at``."""
-        due = max(delivered_at + self.visibility_timeout, now, registered_at)
-        sweeps = math.ceil((due - registered_at) / self.sweep_every - _EPSILON)
-        return registered_at + sweeps * self.sweep_every
-
-
-_SWEEP_TIMER_BEFORE_KOMBU_5_7 = 10
-# Sweep times are sums of float seconds: a sweep "at" a time must not miss it by rounding.
-_EPSILON = 1e-9
+    return _transports[flavor.name]
 
 
 @dataclass
@@ -374,12 +249,14 @@ class InMemoryBroker:
         *,
         replaces: str | None = None,
     ) -> None:
-        transport_for(flavor)  # validates the flavour and registers its URL scheme
+        # What the real broker of this flavour does differently.
+        self.rules = flavor_named(flavor)
+        transport_for(self.rules)  # registers the flavour's URL scheme with kombu
         self.clock = clock
         self.flavor = flavor
         self.seed = seed
         # The broker the app was configured with: simulated errors name it as the client would.
-        self.address = broker_address(replaces, flavor)
+        self.address = self.rules.address(replaces)
         self.name = f"broker-{next(_broker_ids)}"
         self.url = f"celery-retry-{flavor}://{self.name}/"
         self.queues: dict[str, Queue[Any]] = {}
@@ -608,12 +485,12 @@ class InMemoryBroker:
         now = self._moment()
         if not any(opened_at < start <= now for start in self._outage_starts):
             return None
-        if self.flavor == "redis" and kind != "consume":
+        if self.rules.client_reconnects and kind != "consume":
             if transport.role != "consumer":
                 transport.opened_at = now  # the producer's client reconnected
             # A worker's ack goes over its own pooled connection; its reading one stays cut.
             return None
-        return _closed_by_broker_error(self.flavor, self.address)
+        return self.rules.closed_by_broker_error(self.address)
 
     def restore_visible(self, channel: Any, delivered_by: float) -> int:
         """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.
@@ -638,12 +515,12 @@ class InMemoryBroker:
         if self._suspended:
             return None
         if self.is_down:
-            return _default_error(self.flavor, kind, self.address)
+            return self.rules.error(kind, self.address)
         for fault in self._faults:
             if fault.fires(kind):
                 if fault.error is not None:
                     return fault.error(kind)
-                return _default_error(self.flavor, kind, self.address)
+                return self.rules.error(kind, self.address)
         return None
 
     def _record(

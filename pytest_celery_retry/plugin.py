@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .errors import UsageError
+from .flavors import FLAVORS, flavor_for_broker
 from .session import MEMORY_RESULT_BACKEND, RetrySession, Settings
 
 if TYPE_CHECKING:
@@ -38,11 +39,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="attempts after which a retrying task is stopped as endless "
         f"(default {DEFAULT_MAX_ATTEMPTS})",
     )
-    for kind, variable in (("redis", "CELERY_RETRY_REDIS_URL"), ("amqp", "CELERY_RETRY_AMQP_URL")):
+    for flavor in FLAVORS.values():
         group.addoption(
-            f"--celery-retry-{kind}-url",
+            f"--celery-retry-{flavor.broker}-url",
             default=None,
-            help=f"real {kind} broker for broker_proxy tests (default: ${variable})",
+            help=f"real {flavor.broker} broker for broker_proxy tests (default: "
+            f"${flavor.url_variable})",
         )
     parser.addini("celery_retry_app", "the Celery app to test, as module:attribute", default="")
     parser.addini("celery_retry_seed", "seed for jitter and random faults", default="")
@@ -231,14 +233,11 @@ def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
             "flaky_broker.up()) or False"
         )
     flavor = marker.kwargs.get("flavor")
-    if flavor is not None:
-        from .broker import FLAVORS
-
-        if flavor not in FLAVORS:
-            raise UsageError(
-                f"@pytest.mark.broker_outage(flavor={flavor!r}): choose one of "
-                f"{', '.join(map(repr, FLAVORS))}, or leave it out for the app's broker URL's"
-            )
+    if flavor is not None and flavor not in FLAVORS:
+        raise UsageError(
+            f"@pytest.mark.broker_outage(flavor={flavor!r}): choose one of "
+            f"{', '.join(map(repr, FLAVORS))}, or leave it out for the app's broker URL's"
+        )
     # Present counts, not truthy: seconds=0 is a mistake to report, not an absent option.
     chosen = [key for key in ("fail_next", "seconds") if key in marker.kwargs]
     chosen += ["down"] if down else []
@@ -273,21 +272,23 @@ def broker_proxy(
     """Factory: ``broker_proxy("redis")`` or ``("amqp")`` puts a fault proxy in front of that real
     broker and points the app's broker URL at it. Skips when the broker's URL is not given."""
     from .app_state import AppPatch, real_broker_apps
-    from .proxy import URL_VARIABLES, BrokerProxy
+    from .proxy import BrokerProxy
 
     request.applymarker(pytest.mark.real_broker)
     proxies: list[BrokerProxy] = []
     patches: list[AppPatch] = []
 
     def make(kind: str) -> BrokerProxy:
-        if kind not in URL_VARIABLES:
-            raise UsageError(f"broker_proxy({kind!r}): choose 'redis' or 'amqp'")
-        variable = URL_VARIABLES[kind]
+        flavor = flavor_for_broker(kind)
+        if flavor is None:
+            choices = " or ".join(repr(known.broker) for known in FLAVORS.values())
+            raise UsageError(f"broker_proxy({kind!r}): choose {choices}")
+        variable = flavor.url_variable
         url = pytestconfig.getoption(f"celery_retry_{kind}_url") or os.environ.get(variable)
         if not url:
             pytest.skip(
                 f"no real {kind} broker: set {variable} (or --celery-retry-{kind}-url), "
-                f"e.g. {variable}={_EXAMPLE_URLS[kind]}"
+                f"e.g. {variable}={flavor.example_url}"
             )
         proxy = BrokerProxy(url)
         proxies.append(proxy)
@@ -309,6 +310,3 @@ def broker_proxy(
         finally:
             for proxy in proxies:
                 proxy.close()
-
-
-_EXAMPLE_URLS = {"redis": "redis://127.0.0.1:6379/0", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}

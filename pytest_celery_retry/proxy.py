@@ -21,21 +21,13 @@ from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from .errors import ConfigurationError, UsageError, is_number
+from .flavors import flavor_for_proxy
 from .records import BrokerOperation, PublishRecord, format_table
 
 AttemptOutcome = Literal["accepted", "refused", "blackholed"]
 CutMode = Literal["refuse", "reset"]
 _Mode = Literal["open", "refuse", "reset", "blackhole"]
 
-URL_VARIABLES = {"redis": "CELERY_RETRY_REDIS_URL", "amqp": "CELERY_RETRY_AMQP_URL"}
-_KIND_OF_SCHEME = {
-    "redis": "redis",
-    "rediss": "redis",
-    "amqp": "amqp",
-    "amqps": "amqp",
-    "pyamqp": "amqp",
-}
-_DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "pyamqp": 5672}
 # How often a forwarding thread looks up from a quiet socket to notice a cut or close.
 _POLL = 0.05
 _CHUNK = 65536
@@ -58,18 +50,6 @@ class ProxyEvent:
 
     t: float
     what: str
-
-
-def broker_kind(url: str) -> str:
-    """``redis`` or ``amqp``: which real broker a URL points at."""
-    scheme = url.split("://", 1)[0].lower()
-    kind = _KIND_OF_SCHEME.get(scheme)
-    if kind is None or "://" not in url:
-        raise UsageError(
-            f"broker URL {url!r}: the proxy forwards redis://, rediss://, amqp://, amqps:// "
-            "and pyamqp:// URLs"
-        )
-    return kind
 
 
 def _lists_several(url: object) -> bool:
@@ -121,10 +101,12 @@ class BrokerProxy:
                 "';'.join(proxy.url for proxy in proxies)"
             )
         self.upstream_url = upstream_url
-        self.kind = broker_kind(upstream_url)
+        self._flavor = flavor_for_proxy(upstream_url)
+        # The real broker's name, as broker_proxy() takes it ("redis", "amqp").
+        self.kind = self._flavor.broker
         self._parts = urlsplit(upstream_url)
         self.upstream_host = self._parts.hostname or "127.0.0.1"
-        self.upstream_port = self._parts.port or _DEFAULT_PORTS[self._parts.scheme.lower()]
+        self.upstream_port = self._parts.port or self._flavor.schemes[self._parts.scheme.lower()]
         self.probe_timeout = probe_timeout
         self.events: list[ProxyEvent] = []
         self._attempts: list[ConnectionAttempt] = []
@@ -341,7 +323,7 @@ class BrokerProxy:
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot reach the {self.kind} broker at {where} ({self.upstream_url}): {exc}. "
-                f"Start the broker, or set {URL_VARIABLES[self.kind]} to the URL of one that "
+                f"Start the broker, or set {self._flavor.url_variable} to the URL of one that "
                 "runs (unset it to skip the real-broker tests)"
             ) from exc
 

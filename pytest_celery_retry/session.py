@@ -77,7 +77,8 @@ class RetrySession:
         installed = self.installations.get(id(app))
         if installed is not None:
             return installed
-        from .broker import InMemoryBroker, announce_publish, flavor_for_url
+        from .broker import InMemoryBroker, announce_publish
+        from .flavors import flavor_for_url
 
         if not self._signal_connected:
             from celery.signals import before_task_publish
@@ -90,7 +91,7 @@ class RetrySession:
         patch = AppPatch(app)
         broker = InMemoryBroker(
             self.clock,
-            flavor or flavor_for_url(app.conf.broker_url),
+            flavor or flavor_for_url(app.conf.broker_url).name,
             self.settings.seed,
             replaces=app.conf.broker_url,
         )

@@ -37,7 +37,7 @@ from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
-from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
+from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker
 from .clock import LATEST, VirtualClock
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun, describe_exception, parse_eta
@@ -185,10 +185,9 @@ class _Consumer:
         self._celery_state = SimpleNamespace(
             app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
         )
-        # Only a redis consumer sweeps for messages a lost connection left unacknowledged.
-        self.visibility = (
-            VisibilityTimeout.for_app(self.app) if self.broker.flavor == "redis" else None
-        )
+        # Only where the broker parks what a lost connection left unacknowledged (redis) does
+        # a consumer sweep it back.
+        self.visibility = self.broker.rules.visibility(self.app)
         self.registered_at = 0.0
         # Why the connection is known to be dead before the next poll (a failed ack).
         self.broken_by: str | None = None

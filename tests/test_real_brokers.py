@@ -20,7 +20,8 @@ from kombu.transport import redis as redis_transport
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pytest_celery_retry import assert_publish_retries
-from pytest_celery_retry.proxy import URL_VARIABLES, BrokerProxy, CutMode
+from pytest_celery_retry.flavors import flavor_for_broker
+from pytest_celery_retry.proxy import BrokerProxy, CutMode
 
 pytestmark = pytest.mark.real_broker
 
@@ -49,7 +50,9 @@ def configure(app: Any, kind: str, **transport_options: Any) -> None:
 
 
 def real_url(kind: str) -> str:
-    return os.environ[URL_VARIABLES[kind]]
+    flavor = flavor_for_broker(kind)
+    assert flavor is not None, kind
+    return os.environ[flavor.url_variable]
 
 
 def new_queue() -> str:
