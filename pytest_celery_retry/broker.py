@@ -1,7 +1,9 @@
 """The flaky in-memory broker: a real kombu transport that fails on command.
 
-The transport is kombu's own memory transport with hooks for what a real broker connection
-does: establish the connection, put a message, get a message, acknowledge one. A fault
+Its transport (transport.py) is kombu's own memory transport calling the broker's hooks
+(``on_connect``, ``on_publish``, ``on_consume``, ``on_settle``, ``on_restore``) for what a
+real broker connection does: establish the connection, put a message, get a message,
+acknowledge one, take one back. A fault
 raises there what the real transport of that flavour raises, and the transport declares its
 errors as the real one does, so kombu's ``Connection.ensure`` / ``retry_over_time`` and
 Celery's publish retry run unchanged and decide, as in production, what to retry.
@@ -23,11 +25,11 @@ from dataclasses import dataclass
 from queue import Queue
 from typing import Any
 
-import kombu.transport as kombu_transport
 from kombu import serialization
 from kombu.exceptions import OperationalError
-from kombu.transport import TRANSPORT_ALIASES, memory, virtual
+from kombu.transport import virtual
 
+from . import transport
 from .clock import VirtualClock
 from .errors import (
     CeleryRetryError,
@@ -35,7 +37,7 @@ from .errors import (
     is_finite_number,
     is_whole_number,
 )
-from .flavors import Flavor, flavor_named
+from .flavors import flavor_named
 from .records import (
     BrokerOperation,
     DeliveredMessage,
@@ -48,11 +50,9 @@ from .records import (
 )
 
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
-CONSUMER_ROLE_OPTION = "celery_retry_role"
 
 ExceptionFactory = Callable[[OperationKind], BaseException]
 
-_brokers: dict[str, InMemoryBroker] = {}
 _broker_ids = itertools.count(1)
 # Set by Celery's before_task_publish signal: which task the next producer operations are for.
 _pending_publish: dict[str, Any] = {"seq": 0, "task_id": None, "task_name": None}
@@ -64,152 +64,6 @@ class BrokerDownError(CeleryRetryError, OperationalError):
     It is also kombu's ``OperationalError``, which a real worker's consumer ends with once
     ``broker_connection_max_retries`` reconnects have failed.
     """
-
-
-class _QoS(virtual.QoS):
-    """kombu's QoS, noting when each unacknowledged message was delivered (redis needs it)."""
-
-    channel: _Channel
-
-    def __init__(self, channel: _Channel, prefetch_count: int = 0) -> None:
-        super().__init__(channel, prefetch_count)
-        self.delivered_at: dict[Any, float] = {}
-
-    def append(self, message: Any, delivery_tag: Any) -> None:
-        super().append(message, delivery_tag)
-        self.delivered_at[delivery_tag] = self.channel.connection.broker.clock.elapsed
-
-    def ack(self, delivery_tag: Any) -> None:
-        super().ack(delivery_tag)
-        self.delivered_at.pop(delivery_tag, None)
-
-    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        super().reject(delivery_tag, requeue=requeue)
-        self.delivered_at.pop(delivery_tag, None)
-
-
-class _Channel(memory.Channel):
-    """kombu's memory channel, with the broker's queues instead of process-wide ones."""
-
-    QoS = _QoS
-    connection: _Transport
-    _restoring = False
-    # A broker takes back what a closed connection had not acknowledged (AMQP requeues at
-    # once); kombu's memory transport skips that, having no other consumer to hand it to.
-    do_restore = True
-
-    def __init__(self, connection: _Transport, **kwargs: Any) -> None:
-        # memory.Channel keeps its queues on the class: every test would share them.
-        self.queues = connection.broker.queues
-        super().__init__(connection, **kwargs)
-
-    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
-        self.connection.broker._check_settle(self.connection)
-        super().basic_ack(delivery_tag, multiple)
-
-    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        self.connection.broker._check_settle(self.connection)
-        super().basic_reject(delivery_tag, requeue=requeue)
-
-    def _restore(self, message: Any) -> None:
-        # Returning an unacknowledged message to its queue is the broker's own doing (the
-        # consumer rejected it or its connection closed): not a publish that can fail, and
-        # not a new delivery.
-        broker = self.connection.broker
-        if broker.rules.parks_unacked_while_down and broker.is_down:
-            # The message stays in the ``unacked`` hash until a visibility sweep finds it.
-            delivered_at = self.qos.delivered_at.pop(message.delivery_tag, broker.clock.elapsed)
-            broker.unacked.append((delivered_at, message))
-            return
-        broker._record_redelivery(message)
-        self._restoring = True
-        try:
-            super()._restore(message)
-        finally:
-            self._restoring = False
-
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        if self._restoring:
-            super()._put(queue, message, **kwargs)
-            return
-        broker = self.connection.broker
-        broker._operate("publish", self.connection, queue=queue)
-        super()._put(queue, message, **kwargs)
-        broker._record_delivery(queue, message)
-
-    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        broker = self.connection.broker
-        broker._check_consume(self.connection, queue)
-        message: dict[str, Any] = super()._get(queue, timeout)
-        return message
-
-
-class _Transport(memory.Transport):
-    """kombu's memory transport bound to one :class:`InMemoryBroker` (found by host name)."""
-
-    Channel = _Channel
-    driver_name = "pytest-celery-retry"
-    flavor = "pyamqp"
-    # When the last successful connect happened, as (virtual time, broker event number):
-    # an outage that began since then has cut the connection.
-    opened_at: tuple[float, int] | None = None
-
-    def __init__(self, client: Any, **kwargs: Any) -> None:
-        super().__init__(client, **kwargs)
-        try:
-            self.broker = _brokers[client.hostname]
-        except KeyError:
-            raise UsageError(
-                f"no in-memory broker named {client.hostname!r} is installed: a connection to "
-                f"{client.as_uri()} outlived the test that created it"
-            ) from None
-        self.state = self.broker.exchange_state
-        self.role = (client.transport_options or {}).get(CONSUMER_ROLE_OPTION, "producer")
-
-    def establish_connection(self) -> Any:
-        self.broker._operate("connect", self)
-        connection = super().establish_connection()
-        self.opened_at = self.broker._moment()
-        return connection
-
-    def driver_version(self) -> str:
-        return "N/A"
-
-
-def _flavored_transport(flavor: Flavor) -> type[_Transport]:
-    real = flavor.real_transport()
-    # Copy only what the real transport declares: kombu treats a transport without
-    # ``recoverable_connection_errors`` differently (redis), and that must stay so.
-    declared = {
-        name: getattr(real, name)
-        for name in (
-            "connection_errors",
-            "channel_errors",
-            "recoverable_connection_errors",
-            "recoverable_channel_errors",
-        )
-        if name in vars(real) or hasattr(real, name)
-    }
-    return type(
-        f"Flaky{flavor.name.capitalize()}Transport",
-        (_Transport,),
-        {"flavor": flavor.name, **declared},
-    )
-
-
-_transports: dict[str, type[_Transport]] = {}
-
-
-def transport_for(flavor: Flavor) -> type[_Transport]:
-    if flavor.name not in _transports:
-        transport = _transports[flavor.name] = _flavored_transport(flavor)
-        scheme = f"celery-retry-{flavor.name}"
-        globals()[f"_{flavor.name}_transport"] = transport
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:_{flavor.name}_transport"
-        # kombu caches resolved transports: if this module is ever imported afresh (pytester
-        # does that), the cache must point at the new class and its broker registry.
-        kombu_transport._transport_cache[scheme] = transport
-    return _transports[flavor.name]
 
 
 @dataclass
@@ -251,14 +105,12 @@ class InMemoryBroker:
     ) -> None:
         # What the real broker of this flavour does differently.
         self.rules = flavor_named(flavor)
-        transport_for(self.rules)  # registers the flavour's URL scheme with kombu
         self.clock = clock
         self.flavor = flavor
         self.seed = seed
         # The broker the app was configured with: simulated errors name it as the client would.
         self.address = self.rules.address(replaces)
         self.name = f"broker-{next(_broker_ids)}"
-        self.url = f"celery-retry-{flavor}://{self.name}/"
         self.queues: dict[str, Queue[Any]] = {}
         self.exchange_state = virtual.BrokerState()
         self.operations: list[BrokerOperation] = []
@@ -280,10 +132,10 @@ class InMemoryBroker:
         self._events = itertools.count()
         self._suspended = 0
         self._publish_seq = -1
-        _brokers[self.name] = self
+        self.url = transport.attach(self, self.name, self.rules)
 
     def close(self) -> None:
-        _brokers.pop(self.name, None)
+        transport.detach(self.name)
 
     # -- faults ----------------------------------------------------------------------------
     def fail_next(
@@ -423,15 +275,41 @@ class InMemoryBroker:
         head = f"broker timeline ({self.flavor} flavour, {len(self.operations)} operations)"
         return f"{head}\n{table}\n{publishes}".rstrip()
 
-    # -- the transport's hooks -------------------------------------------------------------
+    # -- the transport's hooks (transport.Broker) ------------------------------------------
+    def on_connect(self, client: transport.Client) -> None:
+        self._operate("connect", client)
+        client.opened_at = self._moment()
+
+    def on_publish(self, client: transport.Client, queue: str, message: dict[str, Any]) -> None:
+        self._operate("publish", client, queue=queue)
+        self._record_delivery(queue, message)
+
+    def on_consume(self, client: transport.Client, queue: str) -> None:
+        # Polling an empty queue is not worth a record; a failure is.
+        self._fail_if_faulty("consume", client, queue)
+
+    def on_settle(self, client: transport.Client) -> None:
+        # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
+        self._fail_if_faulty("ack", client, None)
+
+    def on_restore(self, message: Any, delivered_at: float | None) -> bool:
+        if self.rules.parks_unacked_while_down and self.is_down:
+            # The message stays in the ``unacked`` hash until a visibility sweep finds it.
+            self.unacked.append(
+                (self.clock.elapsed if delivered_at is None else delivered_at, message)
+            )
+            return False
+        self._record_redelivery(message)
+        return True
+
     def _operate(
-        self, kind: OperationKind, transport: _Transport, queue: str | None = None
+        self, kind: OperationKind, client: transport.Client, queue: str | None = None
     ) -> None:
-        error = self._error_for(kind, transport)
-        self._record(kind, transport.role, error, queue)
+        error = self._error_for(kind, client)
+        self._record(kind, client.role, error, queue)
         if error is None:
             return
-        if kind == "connect" and transport.role == "consumer" and self._down:
+        if kind == "connect" and client.role == "consumer" and self._down:
             # Celery's consumer would retry broker_connection_max_retries times (100 log lines,
             # or forever with None) while the test, waiting in the worker, cannot call up().
             raise BrokerDownError(self._down_for_good()) from error
@@ -448,30 +326,24 @@ class InMemoryBroker:
             f"{self.timeline()}"
         )
 
-    def _check_consume(self, transport: _Transport, queue: str) -> None:
-        # Polling an empty queue is not worth a record; a failure is.
-        self._fail_if_faulty("consume", transport, queue)
-
-    def _check_settle(self, transport: _Transport) -> None:
-        # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
-        self._fail_if_faulty("ack", transport, None)
-
     def _fail_if_faulty(
-        self, kind: OperationKind, transport: _Transport, queue: str | None
+        self, kind: OperationKind, client: transport.Client, queue: str | None
     ) -> None:
-        error = self._error_for(kind, transport)
+        error = self._error_for(kind, client)
         if error is not None:
-            self._record(kind, transport.role, error, queue)
+            self._record(kind, client.role, error, queue)
             raise error
 
-    def _error_for(self, kind: OperationKind, transport: _Transport) -> BaseException | None:
-        """What an operation of ``kind`` on ``transport`` raises now, if anything."""
-        return self._fault_for(kind) or self._cut_since_opened(kind, transport)
+    def _error_for(self, kind: OperationKind, client: transport.Client) -> BaseException | None:
+        """What an operation of ``kind`` on ``client``'s connection raises now, if anything."""
+        return self._fault_for(kind) or self._cut_since_opened(kind, client)
 
     def _moment(self) -> tuple[float, int]:
         return (self.clock.elapsed, next(self._events))
 
-    def _cut_since_opened(self, kind: OperationKind, transport: _Transport) -> BaseException | None:
+    def _cut_since_opened(
+        self, kind: OperationKind, client: transport.Client
+    ) -> BaseException | None:
         """The error of an operation on a connection that an outage cut after it opened.
 
         A broker that goes away drops its open connections, also when it is back before the
@@ -479,15 +351,15 @@ class InMemoryBroker:
         included, until kombu reconnects. redis-py reconnects by itself for a command (a
         publish, an ack); only the worker's consuming connection is seen to break.
         """
-        opened_at = transport.opened_at
+        opened_at = client.opened_at
         if kind == "connect" or self._suspended or opened_at is None or not self._outage_starts:
             return None
         now = self._moment()
         if not any(opened_at < start <= now for start in self._outage_starts):
             return None
         if self.rules.client_reconnects and kind != "consume":
-            if transport.role != "consumer":
-                transport.opened_at = now  # the producer's client reconnected
+            if client.role != "consumer":
+                client.opened_at = now  # the producer's client reconnected
             # A worker's ack goes over its own pooled connection; its reading one stays cut.
             return None
         return self.rules.closed_by_broker_error(self.address)

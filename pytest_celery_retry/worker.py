@@ -37,12 +37,13 @@ from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
-from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker
+from .broker import InMemoryBroker
 from .clock import LATEST, VirtualClock
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun, describe_exception, parse_eta
 from .session import AppInstallation, RetrySession
 from .task_time import TaskTime
+from .transport import CONSUMER_ROLE_OPTION
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "SUCCESS": "success",

@@ -91,7 +91,7 @@ from celery import _state, signals
 from kombu import pools
 
 from conftest import CONF_BEFORE, REAL, app
-from pytest_celery_retry import broker, clock, worker
+from pytest_celery_retry import broker, clock, transport, worker
 
 
 def test_time_is_real():
@@ -123,7 +123,7 @@ def test_app_config_is_restored():
     assert dict(app.conf.changes) == CONF_BEFORE
     assert not app.conf.task_always_eager
     assert app._pool is None
-    assert broker._brokers == {}
+    assert transport._brokers == {}
     assert getattr(_state._tls, "current_app", None) is not app
 
 
