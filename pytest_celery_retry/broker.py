@@ -3,10 +3,10 @@
 Its transport (transport.py) is kombu's own memory transport calling the broker's hooks
 (``on_connect``, ``on_publish``, ``on_consume``, ``on_settle``, ``on_restore``) for what a
 real broker connection does: establish the connection, put a message, get a message,
-acknowledge one, take one back. A fault
-raises there what the real transport of that flavour raises, and the transport declares its
-errors as the real one does, so kombu's ``Connection.ensure`` / ``retry_over_time`` and
-Celery's publish retry run unchanged and decide, as in production, what to retry.
+acknowledge one, take one back. A fault raises there what the real transport of that
+flavour raises, and the transport declares its errors as the real one does, so kombu's
+``Connection.ensure`` / ``retry_over_time`` and Celery's publish retry run unchanged and
+decide, as in production, what to retry.
 
 Where the two brokers differ is what becomes of the messages a lost connection had not
 acknowledged: RabbitMQ requeues them at once; kombu's redis transport puts them back with a

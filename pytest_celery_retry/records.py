@@ -273,5 +273,18 @@ class DeliveredMessage:
     countdown: float | None = None
 
 
+@dataclass
+class MessageEvent:
+    """What the worker did with a message (acked, rejected, requeued, "ack failed") or what
+    happened to its connection ("connection lost", "reconnected", "visibility sweep"); a
+    connection event has an empty ``task_id`` and ``task_name``."""
+
+    t: float
+    task_id: str
+    task_name: str
+    action: str
+    detail: str = ""
+
+
 def _indent(text: str, prefix: str = "  ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
