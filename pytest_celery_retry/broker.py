@@ -54,8 +54,6 @@ OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
 ExceptionFactory = Callable[[OperationKind], BaseException]
 
 _broker_ids = itertools.count(1)
-# Set by Celery's before_task_publish signal: which task the next producer operations are for.
-_pending_publish: dict[str, Any] = {"seq": 0, "task_id": None, "task_name": None}
 
 
 class BrokerDownError(CeleryRetryError, OperationalError):
@@ -102,6 +100,7 @@ class InMemoryBroker:
         seed: int = 0,
         *,
         replaces: str | None = None,
+        announcements: PublishAnnouncements | None = None,
     ) -> None:
         # What the real broker of this flavour does differently.
         self.rules = flavor_named(flavor)
@@ -132,6 +131,8 @@ class InMemoryBroker:
         self._events = itertools.count()
         self._suspended = 0
         self._publish_seq = -1
+        # Which task the producer's next operations are for (the session's, shared by its brokers).
+        self._announced = announcements or PublishAnnouncements()
         self.url = transport.attach(self, self.name, self.rules)
 
     def close(self) -> None:
@@ -404,8 +405,8 @@ class InMemoryBroker:
             ok=error is None,
             error=error,
             role="consumer" if role == "consumer" else "producer",
-            task_id=_pending_publish["task_id"],
-            task_name=_pending_publish["task_name"],
+            task_id=self._announced.task_id,
+            task_name=self._announced.task_name,
             queue=queue,
         )
         if op.role == "consumer":
@@ -416,8 +417,8 @@ class InMemoryBroker:
 
     def _publish_record_for(self, op: BrokerOperation) -> PublishRecord:
         current = self.publishes[-1] if self.publishes else None
-        if current is None or self._publish_seq != _pending_publish["seq"]:
-            self._publish_seq = _pending_publish["seq"]
+        if current is None or self._publish_seq != self._announced.seq:
+            self._publish_seq = self._announced.seq
             current = PublishRecord(op.task_id, op.task_name)
             self.publishes.append(current)
         return current
@@ -426,10 +427,7 @@ class InMemoryBroker:
         self._deliveries.append((queue, self.clock.elapsed, message))
         if self.publishes:
             self.publishes[-1].delivered = True
-        # The next publish is a new one even when Celery's signal did not announce it
-        # (plain kombu producers).
-        _pending_publish["seq"] += 1
-        _pending_publish["task_id"] = _pending_publish["task_name"] = None
+        self._announced.delivered()
 
     def _record_redelivery(self, message: Any) -> None:
         headers = message.headers or {}
@@ -452,12 +450,29 @@ class _Suspended:
         self.broker._suspended -= 1
 
 
-def announce_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Receiver of Celery's ``before_task_publish``: a new logical publish starts."""
-    headers = headers or {}
-    _pending_publish["seq"] += 1
-    _pending_publish["task_id"] = headers.get("id")
-    _pending_publish["task_name"] = headers.get("task")
+class PublishAnnouncements:
+    """Which logical publish the producer's next operations belong to.
+
+    Celery's ``before_task_publish`` signal announces each (:meth:`announce` is the
+    receiver); a delivery ends it. The test's session owns one for all its brokers.
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.task_id: str | None = None
+        self.task_name: str | None = None
+
+    def announce(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        headers = headers or {}
+        self.seq += 1
+        self.task_id = headers.get("id")
+        self.task_name = headers.get("task")
+
+    def delivered(self) -> None:
+        # The next publish is a new one even when Celery's signal did not announce it
+        # (plain kombu producers).
+        self.seq += 1
+        self.task_id = self.task_name = None
 
 
 def _kinds(on: str | Iterable[str]) -> frozenset[str]:

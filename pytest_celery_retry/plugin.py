@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable, Iterator
@@ -19,8 +20,10 @@ if TYPE_CHECKING:
     from .proxy import BrokerProxy
     from .worker import RetryWorker
 
-DEFAULT_SEED = 1234
-DEFAULT_MAX_ATTEMPTS = 1000
+# The defaults: the options and ini values below start from them.
+_DEFAULTS = Settings()
+# The settings of this pytest run, parsed once at configure time.
+SETTINGS = pytest.StashKey[Settings]()
 _OUTAGE_KEYS = {"fail_next", "seconds", "on", "flavor", "down"}
 
 
@@ -30,14 +33,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--celery-retry-seed",
         type=int,
         default=None,
-        help=f"seed for retry jitter and random broker faults (default {DEFAULT_SEED})",
+        help=f"seed for retry jitter and random broker faults (default {_DEFAULTS.seed})",
     )
     group.addoption(
         "--celery-retry-max-attempts",
         type=int,
         default=None,
         help="attempts after which a retrying task is stopped as endless "
-        f"(default {DEFAULT_MAX_ATTEMPTS})",
+        f"(default {_DEFAULTS.max_attempts})",
     )
     for flavor in FLAVORS.values():
         group.addoption(
@@ -53,7 +56,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "celery_retry_serialize",
         "send task arguments through the app's serializer on every attempt",
         type="bool",
-        default=True,
+        default=_DEFAULTS.serialize,
     )
     parser.addini(
         "celery_retry_result_backend",
@@ -63,6 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SETTINGS] = _settings(config)
     config.addinivalue_line(
         "markers",
         "broker_outage(fail_next=N, on='connect', seconds=S, down=False, flavor=None): "
@@ -76,7 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    settings = _settings(config)
+    settings = config.stash[SETTINGS]
     return (
         f"celery-retry: seed={settings.seed} (--celery-retry-seed), "
         f"max attempts={settings.max_attempts}"
@@ -122,9 +126,12 @@ def _int_setting(config: pytest.Config, option: str, ini: str, default: int) -> 
 def _settings(config: pytest.Config) -> Settings:
     backend = str(config.getini("celery_retry_result_backend")).strip()
     return Settings(
-        seed=_int_setting(config, "celery_retry_seed", "celery_retry_seed", DEFAULT_SEED),
+        seed=_int_setting(config, "celery_retry_seed", "celery_retry_seed", _DEFAULTS.seed),
         max_attempts=_int_setting(
-            config, "celery_retry_max_attempts", "celery_retry_max_attempts", DEFAULT_MAX_ATTEMPTS
+            config,
+            "celery_retry_max_attempts",
+            "celery_retry_max_attempts",
+            _DEFAULTS.max_attempts,
         ),
         serialize=bool(config.getini("celery_retry_serialize")),
         result_backend=None if backend == "keep" else backend or MEMORY_RESULT_BACKEND,
@@ -160,7 +167,8 @@ def celery_retry_flavor() -> str | None:
 @pytest.fixture
 def celery_retry_session(pytestconfig: pytest.Config) -> Iterator[RetrySession]:
     """The test's virtual clock and everything the plugin installed, undone at teardown."""
-    session = RetrySession(settings=_settings(pytestconfig)).start()
+    # A copy: a test may change its own settings (retry_worker.settings.max_attempts = 20).
+    session = RetrySession(settings=dataclasses.replace(pytestconfig.stash[SETTINGS])).start()
     try:
         yield session
     finally:

@@ -148,7 +148,7 @@ def test_signal_receivers_are_disconnected():
         for _, receiver in signal.receivers:
             target = receiver() if callable(getattr(receiver, "__callback__", None)) else receiver
             owner = getattr(target, "__self__", None)
-            if isinstance(owner, worker.RetryWorker) or target is broker.announce_publish:
+            if isinstance(owner, (worker.RetryWorker, broker.PublishAnnouncements)):
                 found.append(target)
         return found
 
