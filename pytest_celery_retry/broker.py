@@ -29,13 +29,14 @@ from kombu import serialization
 from kombu.exceptions import OperationalError
 from kombu.transport import virtual
 
-from . import transport
+from . import flavors, transport
 from .clock import VirtualClock
 from .errors import (
     CeleryRetryError,
     UsageError,
     is_finite_number,
     is_whole_number,
+    moved_names,
 )
 from .flavors import flavor_named
 from .records import (
@@ -43,11 +44,15 @@ from .records import (
     DeliveredMessage,
     OperationKind,
     PublishRecord,
+    Redelivery,
+    UnackedMessage,
     describe_exception,
     format_seconds,
     format_table,
     parse_eta,
 )
+
+__all__ = ["OPERATIONS", "BrokerDownError", "InMemoryBroker", "PublishAnnouncements"]
 
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
 
@@ -115,11 +120,11 @@ class InMemoryBroker:
         self.operations: list[BrokerOperation] = []
         self.publishes: list[PublishRecord] = []
         self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
-        # (t, task id, task name) of each unacknowledged message the broker took back.
-        self.redeliveries: list[tuple[float, str, str]] = []
-        # redis flavour: (delivered at, message) of each message a lost connection had not
-        # acknowledged while Redis was down, waiting for a visibility sweep.
-        self.unacked: list[tuple[float, Any]] = []
+        # Each unacknowledged message the broker took back.
+        self.redeliveries: list[Redelivery] = []
+        # redis flavour: each message a lost connection had not acknowledged while Redis was
+        # down, waiting for a visibility sweep.
+        self.unacked: list[UnackedMessage] = []
         self._faults: list[_Fault] = []
         self._down = False
         self._down_since = 0.0  # when down() began, for BrokerDownError
@@ -297,7 +302,9 @@ class InMemoryBroker:
         if self.rules.parks_unacked_while_down and self.is_down:
             # The message stays in the ``unacked`` hash until a visibility sweep finds it.
             self.unacked.append(
-                (self.clock.elapsed if delivered_at is None else delivered_at, message)
+                UnackedMessage(
+                    self.clock.elapsed if delivered_at is None else delivered_at, message
+                )
             )
             return False
         self._record_redelivery(message)
@@ -370,11 +377,11 @@ class InMemoryBroker:
 
         Returns how many it restored.
         """
-        visible = [entry for entry in self.unacked if entry[0] <= delivered_by]
-        self.unacked = [entry for entry in self.unacked if entry[0] > delivered_by]
+        visible = [entry for entry in self.unacked if entry.delivered_at <= delivered_by]
+        self.unacked = [entry for entry in self.unacked if entry.delivered_at > delivered_by]
         # kombu walks the unacked index newest first (ZRANGE ... REV).
-        for _, message in sorted(visible, key=lambda entry: entry[0], reverse=True):
-            channel._restore(message)
+        for entry in sorted(visible, key=lambda entry: entry.delivered_at, reverse=True):
+            channel._restore(entry.message)
         return len(visible)
 
     @property
@@ -431,8 +438,9 @@ class InMemoryBroker:
 
     def _record_redelivery(self, message: Any) -> None:
         headers = message.headers or {}
-        entry = (self.clock.elapsed, headers.get("id", ""), headers.get("task", ""))
-        self.redeliveries.append(entry)
+        self.redeliveries.append(
+            Redelivery(self.clock.elapsed, headers.get("id", ""), headers.get("task", ""))
+        )
 
     def __repr__(self) -> str:
         return f"<InMemoryBroker {self.url} flavor={self.flavor} down={self.is_down}>"
@@ -526,3 +534,23 @@ def _decode(queue: str, t: float, payload: dict[str, Any], clock: VirtualClock) 
         retries=int(headers.get("retries") or 0),
         countdown=countdown,
     )
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "VisibilityTimeout": (
+            "pytest_celery_retry.flavors.VisibilityTimeout",
+            lambda: flavors.VisibilityTimeout,
+        ),
+        "FLAVORS": ("pytest_celery_retry.flavors.FLAVORS", lambda: tuple(flavors.FLAVORS)),
+        "flavor_for_url": (
+            "pytest_celery_retry.flavors.flavor_for_url(url).name",
+            lambda: lambda url: flavors.flavor_for_url(url).name,
+        ),
+        "CONSUMER_ROLE_OPTION": (
+            "pytest_celery_retry.transport.CONSUMER_ROLE_OPTION",
+            lambda: transport.CONSUMER_ROLE_OPTION,
+        ),
+    },
+)

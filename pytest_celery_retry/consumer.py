@@ -236,7 +236,7 @@ class Consumer:
     def _next_restore(self) -> float | None:
         if self.visibility is None or not self.broker.unacked:
             return None
-        earliest = min(delivered_at for delivered_at, _ in self.broker.unacked)
+        earliest = min(entry.delivered_at for entry in self.broker.unacked)
         return self.visibility.next_restore(earliest, self.registered_at, self.broker.clock.elapsed)
 
     def next_request(self) -> Any | None:

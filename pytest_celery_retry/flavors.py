@@ -13,10 +13,11 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from .errors import ConfigurationError, UsageError
+from .records import OperationKind
 
 __all__ = [
     "FLAVORS",
@@ -29,9 +30,6 @@ __all__ = [
     "flavor_for_url",
     "flavor_named",
 ]
-
-# Which operation a fault hits; the same names as records.OperationKind.
-Operation = Literal["connect", "publish", "consume", "ack"]
 
 
 class Flavor:
@@ -74,7 +72,7 @@ class Flavor:
         """The kombu transport class whose errors the flaky one declares."""
         raise NotImplementedError
 
-    def error(self, kind: Operation, address: str) -> BaseException:
+    def error(self, kind: OperationKind, address: str) -> BaseException:
         """What the real transport raises when the broker at ``address`` fails ``kind``."""
         raise NotImplementedError
 
@@ -124,7 +122,7 @@ class PyAmqp(Flavor):
 
         return pyamqp.Transport
 
-    def error(self, kind: Operation, address: str) -> BaseException:
+    def error(self, kind: OperationKind, address: str) -> BaseException:
         # py-amqp raises the bare socket error, without the address (measured:
         # ``ConnectionRefusedError(111, 'Connection refused')``).
         if kind == "connect":
@@ -165,7 +163,7 @@ class Redis(Flavor):
 
         return redis_transport.Transport
 
-    def error(self, kind: Operation, address: str) -> BaseException:
+    def error(self, kind: OperationKind, address: str) -> BaseException:
         # redis-py names the address it could not reach.
         from redis.exceptions import ConnectionError as RedisConnectionError
 

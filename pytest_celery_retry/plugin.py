@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .errors import UsageError
+from .errors import UsageError, moved_names
 from .flavors import FLAVORS, flavor_for_broker
 from .session import MEMORY_RESULT_BACKEND, RetrySession, Settings
 
@@ -318,3 +318,15 @@ def broker_proxy(
         finally:
             for proxy in proxies:
                 proxy.close()
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "DEFAULT_SEED": ("pytest_celery_retry.session.Settings().seed", lambda: _DEFAULTS.seed),
+        "DEFAULT_MAX_ATTEMPTS": (
+            "pytest_celery_retry.session.Settings().max_attempts",
+            lambda: _DEFAULTS.max_attempts,
+        ),
+    },
+)

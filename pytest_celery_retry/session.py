@@ -18,6 +18,8 @@ from .clock import VirtualClock
 if TYPE_CHECKING:
     from .broker import InMemoryBroker, PublishAnnouncements
 
+__all__ = ["MEMORY_RESULT_BACKEND", "AppInstallation", "RetrySession", "Settings"]
+
 MEMORY_RESULT_BACKEND = "cache+memory://"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -41,8 +42,10 @@ from .records import (
     describe_exception,
     parse_eta,
 )
-from .session import AppInstallation, RetrySession
+from .session import AppInstallation, RetrySession, Settings
 from .task_time import TaskTime
+
+__all__ = ["ArgumentEncodeError", "MessageEvent", "RetryWorker"]
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "SUCCESS": "success",
@@ -145,11 +148,11 @@ class RetryWorker:
         self._crashes: dict[str, int] = {}
 
     @property
-    def clock(self) -> Any:
+    def clock(self) -> VirtualClock:
         return self._session.clock
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> Settings:
         return self._session.settings
 
     # -- public API ------------------------------------------------------------------------
@@ -238,7 +241,8 @@ class RetryWorker:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
         self._crashes[name] = self._crashes.get(name, 0) + times
 
-    def run(self, task_id: str) -> TaskRun:
+    def task_run(self, task_id: str) -> TaskRun:
+        """The run of ``task_id`` (as ``runs[task_id]``, with an error that lists the known ids)."""
         try:
             return self.runs[task_id]
         except KeyError:
@@ -246,6 +250,15 @@ class RetryWorker:
                 f"no task with id {task_id!r} has run on this worker; known ids: "
                 f"{', '.join(self.runs) or 'none'}"
             ) from None
+
+    def run(self, task_id: str) -> TaskRun:
+        """Deprecated: :meth:`task_run` (``run`` reads as running a task, as in run_until_idle)."""
+        warnings.warn(
+            "RetryWorker.run(task_id) is deprecated: use RetryWorker.task_run(task_id)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.task_run(task_id)
 
     def close(self) -> None:
         for consumer in self._consumers.values():
