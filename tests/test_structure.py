@@ -164,3 +164,11 @@ def test_renamed_methods_warn(retry_worker: Any, app: Any) -> None:
     proxy = BrokerProxy("redis://127.0.0.1:6379/0")
     with pytest.warns(DeprecationWarning, match="BrokerProxy.connections"):
         assert proxy.connection_attempts == proxy.connections == []
+
+
+def test_pytest_mock_is_no_dependency() -> None:
+    # Nothing in the package uses it, and a dependency's plugin loads into every user's run.
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    assert not [dep for dep in project["dependencies"] if dep.startswith("pytest-mock")]
+    assert not [p.name for p in PACKAGE.glob("*.py") if "pytest_mock" in p.read_text()]
