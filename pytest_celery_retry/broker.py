@@ -38,7 +38,6 @@ from .errors import (
     is_whole_number,
     moved_names,
 )
-from .flavors import flavor_named
 from .records import (
     BrokerOperation,
     DeliveredMessage,
@@ -101,16 +100,17 @@ class InMemoryBroker:
     def __init__(
         self,
         clock: VirtualClock,
-        flavor: str = "pyamqp",
+        flavor: str | None = None,
         seed: int = 0,
         *,
         replaces: str | None = None,
         announcements: PublishAnnouncements | None = None,
     ) -> None:
-        # What the real broker of this flavour does differently.
-        self.rules = flavor_named(flavor)
+        # What the real broker of this flavour does differently (Celery's default transport's
+        # without a flavour).
+        self.rules = flavors.DEFAULT_FLAVOR if flavor is None else flavors.flavor_named(flavor)
         self.clock = clock
-        self.flavor = flavor
+        self.flavor = self.rules.name
         self.seed = seed
         # The broker the app was configured with: simulated errors name it as the client would.
         self.address = self.rules.address(replaces)

@@ -20,6 +20,7 @@ from .errors import ConfigurationError, UsageError
 from .records import OperationKind
 
 __all__ = [
+    "DEFAULT_FLAVOR",
     "FLAVORS",
     "Flavor",
     "PyAmqp",
@@ -175,6 +176,10 @@ class Redis(Flavor):
         return VisibilityTimeout.for_app(app)
 
 
+# Celery's default transport: the flavour of a URL of no other flavour.
+DEFAULT_FLAVOR: Flavor = FLAVORS[PyAmqp.name]
+
+
 def flavor_named(name: str) -> Flavor:
     """The flavour called ``name``."""
     try:
@@ -191,7 +196,7 @@ def flavor_for_url(url: str | None) -> Flavor:
     for flavor in FLAVORS.values():
         if scheme in flavor.schemes:
             return flavor
-    return FLAVORS["pyamqp"]
+    return DEFAULT_FLAVOR
 
 
 def flavor_for_broker(broker: str) -> Flavor | None:
