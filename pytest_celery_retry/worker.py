@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -30,7 +31,6 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
-from .broker import InMemoryBroker
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
@@ -143,7 +143,8 @@ class RetryWorker:
         self.events: list[MessageEvent] = []
         self._consumers: dict[int, Consumer] = {}
         self._pool = _InlinePool(session.clock)
-        self._current: Attempt | None = None
+        # What Celery and the consumer report while an attempt runs, for _execute to record.
+        self._reports: _Reports | None = None
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
 
@@ -292,8 +293,7 @@ class RetryWorker:
             if len(run.attempts) >= limit:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
-            self._execute(request, run, installed.broker)
-            self._record_rate_limit(run.attempts[-1], request, consumer)
+            self._execute(request, run, consumer)
 
     def _finished(self, task_id: str) -> bool:
         """A task is over once an attempt ended without scheduling another one."""
@@ -307,7 +307,9 @@ class RetryWorker:
             and not last.ack_failed
         )
 
-    def _execute(self, request: Any, run: TaskRun, broker: InMemoryBroker) -> None:
+    def _execute(self, request: Any, run: TaskRun, consumer: Consumer) -> None:
+        """Run one attempt and record it: the one place that writes an Attempt."""
+        broker = consumer.broker
         headers = request.request_dict
         attempt = Attempt(
             number=len(run.attempts) + 1,
@@ -328,14 +330,18 @@ class RetryWorker:
             crash = self._pool.crash_next = WorkerLostError(
                 "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
             )
-        self._current = attempt
+        reports = self._reports = _Reports(run.task_id)
+        revoked: TaskRevokedError | None = None
         try:
             request.execute_using_pool(self._pool)
         except TaskRevokedError as exc:
-            attempt.outcome, attempt.exc, attempt.raised = "failure", exc, exc
-            attempt.note = "revoked (expired or revoked before it ran)"
+            revoked = exc
         finally:
-            self._current = None
+            self._reports = None
+        self._record_reports(attempt, reports)
+        if revoked is not None:
+            attempt.outcome, attempt.exc, attempt.raised = "failure", revoked, revoked
+            attempt.note = "revoked (expired or revoked before it ran)"
         cause, self._pool.raised = crash or self._pool.raised, None
         if cause is not None:
             self._record_pool_failure(
@@ -359,6 +365,26 @@ class RetryWorker:
         if attempt.outcome == "rejected" and not attempt.retry_published:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
+        self._record_rate_limit(attempt, request, consumer)
+
+    @staticmethod
+    def _record_reports(attempt: Attempt, reports: _Reports) -> None:
+        """Record what Celery's signals and the consumer reported while the attempt ran."""
+        attempt.args, attempt.kwargs = reports.args, reports.kwargs
+        if reports.state is not None:
+            attempt.outcome = _OUTCOME_OF_STATE.get(reports.state, "failure")
+            if isinstance(reports.returned, BaseException):
+                attempt.exc = _cause_of(reports.returned)
+            else:
+                attempt.result = reports.returned
+        attempt.raised = reports.raised
+        attempt.requeued = reports.requeued
+        if reports.failed_settlement is not None:
+            attempt.ack_failed = True
+            attempt.note = (
+                f"{reports.failed_settlement} failed: the broker was unreachable and still "
+                "holds the message"
+            )
 
     @staticmethod
     def _record_rate_limit(attempt: Attempt, request: Any, consumer: Consumer) -> None:
@@ -432,46 +458,46 @@ class RetryWorker:
             )
         return consumer
 
+    # -- what Celery and the consumer report while an attempt runs --------------------------
+    def _reporting(self, task_id: str | None) -> _Reports | None:
+        reports = self._reports
+        return reports if reports is not None and task_id == reports.task_id else None
+
     def _on_settled(self, task_id: str, action: str) -> None:
-        """What became of the message the consumer settled, for the attempt running it."""
-        attempt = self._current
-        if attempt is None:
+        """The consumer's callback: what became of the message of the running attempt."""
+        reports = self._reports
+        if reports is None:
             return
         if action == "requeued":
-            attempt.requeued = True
+            reports.requeued = True
         elif action.endswith(" failed"):
-            verb = action[: -len(" failed")]
-            attempt.ack_failed = True
-            attempt.note = f"{verb} failed: the broker was unreachable and still holds the message"
+            reports.failed_settlement = action[: -len(" failed")]
 
     def _on_postrun(
         self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
     ) -> None:
-        attempt = self._current
-        if attempt is None or task_id != attempt.task_id:
+        reports = self._reporting(task_id)
+        if reports is None:
             return
-        attempt.outcome = _OUTCOME_OF_STATE.get(state or "", "failure")
+        reports.state, reports.returned = state or "", retval
         if isinstance(retval, BaseException):
-            attempt.raised = retval
-            attempt.exc = _cause_of(retval)
-        else:
-            attempt.result = retval
+            reports.raised = retval
 
     def _on_prerun(
         self, task_id: str | None = None, args: Any = None, kwargs: Any = None, **_: Any
     ) -> None:
-        attempt = self._current
-        if attempt is not None and task_id == attempt.task_id:
-            attempt.args, attempt.kwargs = tuple(args or ()), dict(kwargs or {})
+        reports = self._reporting(task_id)
+        if reports is not None:
+            reports.args, reports.kwargs = tuple(args or ()), dict(kwargs or {})
 
     def _on_failure(
         self, task_id: str | None = None, exception: BaseException | None = None, **_: Any
     ) -> None:
         # Also sent by Request.on_failure, after the tracer: what the task failed with when
         # its pool reported it (WorkerLostError for a lost process).
-        attempt = self._current
-        if attempt is not None and task_id == attempt.task_id:
-            attempt.raised = exception
+        reports = self._reporting(task_id)
+        if reports is not None:
+            reports.raised = exception
 
     def _receivers(self) -> list[tuple[Any, Any]]:
         return [
@@ -651,6 +677,26 @@ class RetryWorker:
             "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
             f"option celery_retry_max_attempts.\n{tail}"
         )
+
+
+@dataclass
+class _Reports:
+    """What Celery's signals and the consumer reported while one attempt ran.
+
+    Each report overwrites the last of its kind, in the order they came.
+    """
+
+    task_id: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # The tracer's final state (task_postrun), and what it returned or raised.
+    state: str | None = None
+    returned: Any = None
+    # The last exception reported (task_postrun's, or task_failure's).
+    raised: BaseException | None = None
+    # From the consumer: the message was requeued, or its ack (reject, requeue) failed.
+    requeued: bool = False
+    failed_settlement: str | None = None
 
 
 def _drop_tracebacks(attempt: Attempt) -> None:
