@@ -24,7 +24,7 @@ PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 NEEDS_PYTHON_310 = {("celery", "5.7"), ("pytest", "9")}
 # The oldest combination also pins the other dependencies to pyproject's floors, so that
 # those floors are tested rather than only declared.
-FLOORS = ("freezegun==1.2.*", "pytest-mock==3.10.*")
+FLOORS = ("freezegun==1.2.*",)
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True

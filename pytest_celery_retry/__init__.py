@@ -30,17 +30,24 @@ from .errors import (  # noqa: E402
 from .records import (  # noqa: E402
     Attempt,
     BrokerOperation,
+    ConnectionAttempt,
     DeliveredMessage,
+    MessageEvent,
+    ProxyEvent,
     PublishRecord,
+    Redelivery,
     TaskRun,
+    UnackedMessage,
 )
 
 if TYPE_CHECKING:
     from .broker import BrokerDownError, InMemoryBroker
     from .proxy import BrokerProxy
-    from .worker import RetryWorker
+    from .worker import ArgumentEncodeError, RetryWorker
 
+# What needs Celery or kombu loads on first use.
 _LAZY = {
+    "ArgumentEncodeError": "worker",
     "BrokerDownError": "broker",
     "BrokerProxy": "proxy",
     "InMemoryBroker": "broker",
@@ -58,18 +65,24 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ArgumentEncodeError",
     "Attempt",
     "BrokerDownError",
     "BrokerOperation",
     "BrokerProxy",
     "CeleryRetryError",
     "ConfigurationError",
+    "ConnectionAttempt",
     "DeliveredMessage",
     "EndlessRetryError",
     "InMemoryBroker",
+    "MessageEvent",
+    "ProxyEvent",
     "PublishRecord",
+    "Redelivery",
     "RetryWorker",
     "TaskRun",
+    "UnackedMessage",
     "UsageError",
     "VirtualClock",
     "__version__",

@@ -15,6 +15,15 @@ from typing import Any
 
 from .errors import ConfigurationError, UsageError
 
+__all__ = [
+    "AppPatch",
+    "check_retry_policy",
+    "forget_tracers",
+    "hook_celery",
+    "real_broker_apps",
+    "reset_connections",
+]
+
 _URL_ENVIRONMENT = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
 
 

@@ -12,6 +12,14 @@ from typing import Any, Protocol
 from .errors import UsageError, is_finite_number, is_whole_number
 from .records import PublishRecord, TaskRun
 
+__all__ = [
+    "PublishRecorder",
+    "assert_backoff",
+    "assert_not_retried",
+    "assert_publish_retries",
+    "assert_retried",
+]
+
 __tracebackhide__ = True
 
 

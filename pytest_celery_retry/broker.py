@@ -1,10 +1,12 @@
 """The flaky in-memory broker: a real kombu transport that fails on command.
 
-The transport is kombu's own memory transport with hooks for what a real broker connection
-does: establish the connection, put a message, get a message, acknowledge one. A fault
-raises there what the real transport of that flavour raises, and the transport declares its
-errors as the real one does, so kombu's ``Connection.ensure`` / ``retry_over_time`` and
-Celery's publish retry run unchanged and decide, as in production, what to retry.
+Its transport (transport.py) is kombu's own memory transport calling the broker's hooks
+(``on_connect``, ``on_publish``, ``on_consume``, ``on_settle``, ``on_restore``) for what a
+real broker connection does: establish the connection, put a message, get a message,
+acknowledge one, take one back. A fault raises there what the real transport of that
+flavour raises, and the transport declares its errors as the real one does, so kombu's
+``Connection.ensure`` / ``retry_over_time`` and Celery's publish retry run unchanged and
+decide, as in production, what to retry.
 
 Where the two brokers differ is what becomes of the messages a lost connection had not
 acknowledged: RabbitMQ requeues them at once; kombu's redis transport puts them back with a
@@ -16,60 +18,46 @@ Redis command when the channel closes, and if Redis is down then, they wait in i
 from __future__ import annotations
 
 import base64
-import inspect
 import itertools
-import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any
-from urllib.parse import urlsplit
 
-import kombu.transport as kombu_transport
 from kombu import serialization
 from kombu.exceptions import OperationalError
-from kombu.transport import TRANSPORT_ALIASES, memory, virtual
+from kombu.transport import virtual
 
+from . import flavors, transport
 from .clock import VirtualClock
 from .errors import (
     CeleryRetryError,
-    ConfigurationError,
     UsageError,
     is_finite_number,
     is_whole_number,
+    moved_names,
 )
 from .records import (
     BrokerOperation,
     DeliveredMessage,
     OperationKind,
     PublishRecord,
+    Redelivery,
+    UnackedMessage,
     describe_exception,
     format_seconds,
     format_table,
     parse_eta,
 )
 
+__all__ = ["OPERATIONS", "BrokerDownError", "InMemoryBroker", "PublishAnnouncements"]
+
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
-FLAVORS = ("pyamqp", "redis")
-_DEFAULT_PORTS = {"pyamqp": 5672, "redis": 6379}
-_FLAVOR_OF_SCHEME = {
-    "amqp": "pyamqp",
-    "amqps": "pyamqp",
-    "pyamqp": "pyamqp",
-    "librabbitmq": "pyamqp",
-    "redis": "redis",
-    "rediss": "redis",
-    "sentinel": "redis",
-}
-CONSUMER_ROLE_OPTION = "celery_retry_role"
 
 ExceptionFactory = Callable[[OperationKind], BaseException]
 
-_brokers: dict[str, InMemoryBroker] = {}
 _broker_ids = itertools.count(1)
-# Set by Celery's before_task_publish signal: which task the next producer operations are for.
-_pending_publish: dict[str, Any] = {"seq": 0, "task_id": None, "task_name": None}
 
 
 class BrokerDownError(CeleryRetryError, OperationalError):
@@ -78,263 +66,6 @@ class BrokerDownError(CeleryRetryError, OperationalError):
     It is also kombu's ``OperationalError``, which a real worker's consumer ends with once
     ``broker_connection_max_retries`` reconnects have failed.
     """
-
-
-def flavor_for_url(url: str | None) -> str:
-    """The fault flavour matching a broker URL's transport (pyamqp, Celery's default, otherwise)."""
-    scheme = (url or "").split("://", 1)[0].split("+", 1)[-1].lower()
-    return _FLAVOR_OF_SCHEME.get(scheme, "pyamqp")
-
-
-def _real_transport(flavor: str) -> type:
-    if flavor == "redis":
-        # kombu's redis transport imports without redis-py and then fails defining its client
-        # classes (AttributeError); its error classes are redis-py's, so there is no stand-in.
-        try:
-            import redis  # noqa: F401
-        except ImportError as exc:
-            raise ConfigurationError(
-                "the redis flavour of the in-memory broker (a redis:// broker URL, or "
-                "celery_retry_flavor='redis') raises and declares redis-py's errors, as kombu's "
-                'redis transport does, but redis-py is not installed: pip install "pytest-celery-'
-                'retry[redis]" (or choose the pyamqp flavour with celery_retry_flavor)'
-            ) from exc
-        from kombu.transport import redis as redis_transport
-
-        return redis_transport.Transport
-    from kombu.transport import pyamqp
-
-    return pyamqp.Transport
-
-
-def broker_address(url: str | None, flavor: str) -> str:
-    """``host:port`` of the (first) broker in ``url``, with the flavour's default port."""
-    parts = urlsplit((url or "").split(";", 1)[0])
-    try:
-        port = parts.port
-    except ValueError:  # not a port number: the real client would fail on it, not us
-        port = None
-    return f"{parts.hostname or 'localhost'}:{port or _DEFAULT_PORTS[flavor]}"
-
-
-def _default_error(flavor: str, kind: OperationKind, address: str) -> BaseException:
-    """What the real transport raises when the broker at ``address`` refuses or drops it.
-
-    redis-py names the address it could not reach; py-amqp raises the bare socket error
-    (measured: ``ConnectionRefusedError(111, 'Connection refused')``), so that one does not.
-    """
-    if flavor == "redis":
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        if kind == "connect":
-            return RedisConnectionError(f"Error 111 connecting to {address}. Connection refused.")
-        return RedisConnectionError("Connection closed by server.")
-    if kind == "connect":
-        return ConnectionRefusedError(111, "Connection refused")
-    return ConnectionResetError(104, "Connection reset by peer")
-
-
-def _closed_by_broker_error(flavor: str, address: str) -> BaseException:
-    """What the real transport raises on a connection the broker closed while it was away."""
-    if flavor == "redis":
-        return _default_error(flavor, "consume", address)
-    # py-amqp, measured through the fault proxy after a 0.5 s cut (tests/test_real_brokers.py).
-    return OSError("Server unexpectedly closed connection")
-
-
-class _QoS(virtual.QoS):
-    """kombu's QoS, noting when each unacknowledged message was delivered (redis needs it)."""
-
-    channel: _Channel
-
-    def __init__(self, channel: _Channel, prefetch_count: int = 0) -> None:
-        super().__init__(channel, prefetch_count)
-        self.delivered_at: dict[Any, float] = {}
-
-    def append(self, message: Any, delivery_tag: Any) -> None:
-        super().append(message, delivery_tag)
-        self.delivered_at[delivery_tag] = self.channel.connection.broker.clock.elapsed
-
-    def ack(self, delivery_tag: Any) -> None:
-        super().ack(delivery_tag)
-        self.delivered_at.pop(delivery_tag, None)
-
-    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        super().reject(delivery_tag, requeue=requeue)
-        self.delivered_at.pop(delivery_tag, None)
-
-
-class _Channel(memory.Channel):
-    """kombu's memory channel, with the broker's queues instead of process-wide ones."""
-
-    QoS = _QoS
-    connection: _Transport
-    _restoring = False
-    # A broker takes back what a closed connection had not acknowledged (AMQP requeues at
-    # once); kombu's memory transport skips that, having no other consumer to hand it to.
-    do_restore = True
-
-    def __init__(self, connection: _Transport, **kwargs: Any) -> None:
-        # memory.Channel keeps its queues on the class: every test would share them.
-        self.queues = connection.broker.queues
-        super().__init__(connection, **kwargs)
-
-    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
-        self.connection.broker._check_settle(self.connection)
-        super().basic_ack(delivery_tag, multiple)
-
-    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        self.connection.broker._check_settle(self.connection)
-        super().basic_reject(delivery_tag, requeue=requeue)
-
-    def _restore(self, message: Any) -> None:
-        # Returning an unacknowledged message to its queue is the broker's own doing (the
-        # consumer rejected it or its connection closed): not a publish that can fail, and
-        # not a new delivery.
-        broker = self.connection.broker
-        if broker.flavor == "redis" and broker.is_down:
-            # kombu's redis QoS restores with Redis commands, which fail while Redis is down:
-            # the message stays in the ``unacked`` hash until a visibility sweep finds it.
-            delivered_at = self.qos.delivered_at.pop(message.delivery_tag, broker.clock.elapsed)
-            broker.unacked.append((delivered_at, message))
-            return
-        broker._record_redelivery(message)
-        self._restoring = True
-        try:
-            super()._restore(message)
-        finally:
-            self._restoring = False
-
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        if self._restoring:
-            super()._put(queue, message, **kwargs)
-            return
-        broker = self.connection.broker
-        broker._operate("publish", self.connection, queue=queue)
-        super()._put(queue, message, **kwargs)
-        broker._record_delivery(queue, message)
-
-    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        broker = self.connection.broker
-        broker._check_consume(self.connection, queue)
-        message: dict[str, Any] = super()._get(queue, timeout)
-        return message
-
-
-class _Transport(memory.Transport):
-    """kombu's memory transport bound to one :class:`InMemoryBroker` (found by host name)."""
-
-    Channel = _Channel
-    driver_name = "pytest-celery-retry"
-    flavor = "pyamqp"
-    # When the last successful connect happened, as (virtual time, broker event number):
-    # an outage that began since then has cut the connection.
-    opened_at: tuple[float, int] | None = None
-
-    def __init__(self, client: Any, **kwargs: Any) -> None:
-        super().__init__(client, **kwargs)
-        try:
-            self.broker = _brokers[client.hostname]
-        except KeyError:
-            raise UsageError(
-                f"no in-memory broker named {client.hostname!r} is installed: a connection to "
-                f"{client.as_uri()} outlived the test that created it"
-            ) from None
-        self.state = self.broker.exchange_state
-        self.role = (client.transport_options or {}).get(CONSUMER_ROLE_OPTION, "producer")
-
-    def establish_connection(self) -> Any:
-        self.broker._operate("connect", self)
-        connection = super().establish_connection()
-        self.opened_at = self.broker._moment()
-        return connection
-
-    def driver_version(self) -> str:
-        return "N/A"
-
-
-def _flavored_transport(flavor: str) -> type[_Transport]:
-    real = _real_transport(flavor)
-    # Copy only what the real transport declares: kombu treats a transport without
-    # ``recoverable_connection_errors`` differently (redis), and that must stay so.
-    declared = {
-        name: getattr(real, name)
-        for name in (
-            "connection_errors",
-            "channel_errors",
-            "recoverable_connection_errors",
-            "recoverable_channel_errors",
-        )
-        if name in vars(real) or hasattr(real, name)
-    }
-    return type(
-        f"Flaky{flavor.capitalize()}Transport", (_Transport,), {"flavor": flavor, **declared}
-    )
-
-
-_transports: dict[str, type[_Transport]] = {}
-
-
-def transport_for(flavor: str) -> type[_Transport]:
-    if flavor not in FLAVORS:
-        raise UsageError(f"unknown broker flavor {flavor!r}: choose one of {', '.join(FLAVORS)}")
-    if flavor not in _transports:
-        transport = _transports[flavor] = _flavored_transport(flavor)
-        scheme = f"celery-retry-{flavor}"
-        globals()[f"_{flavor}_transport"] = transport
-        TRANSPORT_ALIASES[scheme] = f"{__name__}:_{flavor}_transport"
-        # kombu caches resolved transports: if this module is ever imported afresh (pytester
-        # does that), the cache must point at the new class and its broker registry.
-        kombu_transport._transport_cache[scheme] = transport
-    return _transports[flavor]
-
-
-@dataclass(frozen=True)
-class VisibilityTimeout:
-    """When kombu's redis transport gives back messages a lost consumer never acknowledged.
-
-    A worker's redis transport sweeps the ``unacked`` index when its consumer registers with
-    the event loop and then on every ``unacked_restore_throttle``-th call of a timer that
-    fires every ``unacked_restore_interval`` seconds (kombu < 5.7: every 10th call, every
-    10 s). A sweep restores the messages delivered at least ``visibility_timeout`` seconds
-    before it. The figures come from the installed kombu and the app's transport options.
-    """
-
-    visibility_timeout: float
-    sweep_every: float
-
-    @classmethod
-    def for_app(cls, app: Any) -> VisibilityTimeout:
-        from kombu.transport import redis
-
-        options = app.conf.broker_transport_options or {}
-        channel = redis.Channel
-        timeout = options.get("visibility_timeout", channel.visibility_timeout)
-        # kombu < 5.7 hard-codes the timer (10 s) and takes restore_visible's default throttle.
-        interval = _SWEEP_TIMER_BEFORE_KOMBU_5_7
-        throttle = inspect.signature(redis.QoS.restore_visible).parameters["interval"].default
-        if hasattr(channel, "unacked_restore_interval"):
-            interval = options.get("unacked_restore_interval", channel.unacked_restore_interval)
-            if interval <= 0:
-                interval = channel.unacked_restore_interval
-            throttle = options.get("unacked_restore_throttle", channel.unacked_restore_throttle)
-        return cls(float(timeout), float(interval * (throttle or 1)))
-
-    def last_sweep(self, registered_at: float, now: float) -> float:
-        """The latest sweep at or before ``now`` of a consumer registered at ``registered_at``."""
-        sweeps = math.floor((now - registered_at) / self.sweep_every + _EPSILON)
-        return registered_at + max(sweeps, 0) * self.sweep_every
-
-    def next_restore(self, delivered_at: float, registered_at: float, now: float) -> float:
-        """The first sweep from ``now`` on that finds a message delivered at ``delivered_at``."""
-        due = max(delivered_at + self.visibility_timeout, now, registered_at)
-        sweeps = math.ceil((due - registered_at) / self.sweep_every - _EPSILON)
-        return registered_at + sweeps * self.sweep_every
-
-
-_SWEEP_TIMER_BEFORE_KOMBU_5_7 = 10
-# Sweep times are sums of float seconds: a sweep "at" a time must not miss it by rounding.
-_EPSILON = 1e-9
 
 
 @dataclass
@@ -369,29 +100,31 @@ class InMemoryBroker:
     def __init__(
         self,
         clock: VirtualClock,
-        flavor: str = "pyamqp",
+        flavor: str | None = None,
         seed: int = 0,
         *,
         replaces: str | None = None,
+        announcements: PublishAnnouncements | None = None,
     ) -> None:
-        transport_for(flavor)  # validates the flavour and registers its URL scheme
+        # What the real broker of this flavour does differently (Celery's default transport's
+        # without a flavour).
+        self.rules = flavors.DEFAULT_FLAVOR if flavor is None else flavors.flavor_named(flavor)
         self.clock = clock
-        self.flavor = flavor
+        self.flavor = self.rules.name
         self.seed = seed
         # The broker the app was configured with: simulated errors name it as the client would.
-        self.address = broker_address(replaces, flavor)
+        self.address = self.rules.address(replaces)
         self.name = f"broker-{next(_broker_ids)}"
-        self.url = f"celery-retry-{flavor}://{self.name}/"
         self.queues: dict[str, Queue[Any]] = {}
         self.exchange_state = virtual.BrokerState()
         self.operations: list[BrokerOperation] = []
         self.publishes: list[PublishRecord] = []
         self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
-        # (t, task id, task name) of each unacknowledged message the broker took back.
-        self.redeliveries: list[tuple[float, str, str]] = []
-        # redis flavour: (delivered at, message) of each message a lost connection had not
-        # acknowledged while Redis was down, waiting for a visibility sweep.
-        self.unacked: list[tuple[float, Any]] = []
+        # Each unacknowledged message the broker took back.
+        self.redeliveries: list[Redelivery] = []
+        # redis flavour: each message a lost connection had not acknowledged while Redis was
+        # down, waiting for a visibility sweep.
+        self.unacked: list[UnackedMessage] = []
         self._faults: list[_Fault] = []
         self._down = False
         self._down_since = 0.0  # when down() began, for BrokerDownError
@@ -403,10 +136,12 @@ class InMemoryBroker:
         self._events = itertools.count()
         self._suspended = 0
         self._publish_seq = -1
-        _brokers[self.name] = self
+        # Which task the producer's next operations are for (the session's, shared by its brokers).
+        self._announced = announcements or PublishAnnouncements()
+        self.url = transport.attach(self, self.name, self.rules)
 
     def close(self) -> None:
-        _brokers.pop(self.name, None)
+        transport.detach(self.name)
 
     # -- faults ----------------------------------------------------------------------------
     def fail_next(
@@ -546,15 +281,43 @@ class InMemoryBroker:
         head = f"broker timeline ({self.flavor} flavour, {len(self.operations)} operations)"
         return f"{head}\n{table}\n{publishes}".rstrip()
 
-    # -- the transport's hooks -------------------------------------------------------------
+    # -- the transport's hooks (transport.Broker) ------------------------------------------
+    def on_connect(self, client: transport.Client) -> None:
+        self._operate("connect", client)
+        client.opened_at = self._moment()
+
+    def on_publish(self, client: transport.Client, queue: str, message: dict[str, Any]) -> None:
+        self._operate("publish", client, queue=queue)
+        self._record_delivery(queue, message)
+
+    def on_consume(self, client: transport.Client, queue: str) -> None:
+        # Polling an empty queue is not worth a record; a failure is.
+        self._fail_if_faulty("consume", client, queue)
+
+    def on_settle(self, client: transport.Client) -> None:
+        # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
+        self._fail_if_faulty("ack", client, None)
+
+    def on_restore(self, message: Any, delivered_at: float | None) -> bool:
+        if self.rules.parks_unacked_while_down and self.is_down:
+            # The message stays in the ``unacked`` hash until a visibility sweep finds it.
+            self.unacked.append(
+                UnackedMessage(
+                    self.clock.elapsed if delivered_at is None else delivered_at, message
+                )
+            )
+            return False
+        self._record_redelivery(message)
+        return True
+
     def _operate(
-        self, kind: OperationKind, transport: _Transport, queue: str | None = None
+        self, kind: OperationKind, client: transport.Client, queue: str | None = None
     ) -> None:
-        error = self._error_for(kind, transport)
-        self._record(kind, transport.role, error, queue)
+        error = self._error_for(kind, client)
+        self._record(kind, client.role, error, queue)
         if error is None:
             return
-        if kind == "connect" and transport.role == "consumer" and self._down:
+        if kind == "connect" and client.role == "consumer" and self._down:
             # Celery's consumer would retry broker_connection_max_retries times (100 log lines,
             # or forever with None) while the test, waiting in the worker, cannot call up().
             raise BrokerDownError(self._down_for_good()) from error
@@ -571,30 +334,24 @@ class InMemoryBroker:
             f"{self.timeline()}"
         )
 
-    def _check_consume(self, transport: _Transport, queue: str) -> None:
-        # Polling an empty queue is not worth a record; a failure is.
-        self._fail_if_faulty("consume", transport, queue)
-
-    def _check_settle(self, transport: _Transport) -> None:
-        # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
-        self._fail_if_faulty("ack", transport, None)
-
     def _fail_if_faulty(
-        self, kind: OperationKind, transport: _Transport, queue: str | None
+        self, kind: OperationKind, client: transport.Client, queue: str | None
     ) -> None:
-        error = self._error_for(kind, transport)
+        error = self._error_for(kind, client)
         if error is not None:
-            self._record(kind, transport.role, error, queue)
+            self._record(kind, client.role, error, queue)
             raise error
 
-    def _error_for(self, kind: OperationKind, transport: _Transport) -> BaseException | None:
-        """What an operation of ``kind`` on ``transport`` raises now, if anything."""
-        return self._fault_for(kind) or self._cut_since_opened(kind, transport)
+    def _error_for(self, kind: OperationKind, client: transport.Client) -> BaseException | None:
+        """What an operation of ``kind`` on ``client``'s connection raises now, if anything."""
+        return self._fault_for(kind) or self._cut_since_opened(kind, client)
 
     def _moment(self) -> tuple[float, int]:
         return (self.clock.elapsed, next(self._events))
 
-    def _cut_since_opened(self, kind: OperationKind, transport: _Transport) -> BaseException | None:
+    def _cut_since_opened(
+        self, kind: OperationKind, client: transport.Client
+    ) -> BaseException | None:
         """The error of an operation on a connection that an outage cut after it opened.
 
         A broker that goes away drops its open connections, also when it is back before the
@@ -602,29 +359,29 @@ class InMemoryBroker:
         included, until kombu reconnects. redis-py reconnects by itself for a command (a
         publish, an ack); only the worker's consuming connection is seen to break.
         """
-        opened_at = transport.opened_at
+        opened_at = client.opened_at
         if kind == "connect" or self._suspended or opened_at is None or not self._outage_starts:
             return None
         now = self._moment()
         if not any(opened_at < start <= now for start in self._outage_starts):
             return None
-        if self.flavor == "redis" and kind != "consume":
-            if transport.role != "consumer":
-                transport.opened_at = now  # the producer's client reconnected
+        if self.rules.client_reconnects and kind != "consume":
+            if client.role != "consumer":
+                client.opened_at = now  # the producer's client reconnected
             # A worker's ack goes over its own pooled connection; its reading one stays cut.
             return None
-        return _closed_by_broker_error(self.flavor, self.address)
+        return self.rules.closed_by_broker_error(self.address)
 
     def restore_visible(self, channel: Any, delivered_by: float) -> int:
         """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.
 
         Returns how many it restored.
         """
-        visible = [entry for entry in self.unacked if entry[0] <= delivered_by]
-        self.unacked = [entry for entry in self.unacked if entry[0] > delivered_by]
+        visible = [entry for entry in self.unacked if entry.delivered_at <= delivered_by]
+        self.unacked = [entry for entry in self.unacked if entry.delivered_at > delivered_by]
         # kombu walks the unacked index newest first (ZRANGE ... REV).
-        for _, message in sorted(visible, key=lambda entry: entry[0], reverse=True):
-            channel._restore(message)
+        for entry in sorted(visible, key=lambda entry: entry.delivered_at, reverse=True):
+            channel._restore(entry.message)
         return len(visible)
 
     @property
@@ -638,12 +395,12 @@ class InMemoryBroker:
         if self._suspended:
             return None
         if self.is_down:
-            return _default_error(self.flavor, kind, self.address)
+            return self.rules.error(kind, self.address)
         for fault in self._faults:
             if fault.fires(kind):
                 if fault.error is not None:
                     return fault.error(kind)
-                return _default_error(self.flavor, kind, self.address)
+                return self.rules.error(kind, self.address)
         return None
 
     def _record(
@@ -655,8 +412,8 @@ class InMemoryBroker:
             ok=error is None,
             error=error,
             role="consumer" if role == "consumer" else "producer",
-            task_id=_pending_publish["task_id"],
-            task_name=_pending_publish["task_name"],
+            task_id=self._announced.task_id,
+            task_name=self._announced.task_name,
             queue=queue,
         )
         if op.role == "consumer":
@@ -667,8 +424,8 @@ class InMemoryBroker:
 
     def _publish_record_for(self, op: BrokerOperation) -> PublishRecord:
         current = self.publishes[-1] if self.publishes else None
-        if current is None or self._publish_seq != _pending_publish["seq"]:
-            self._publish_seq = _pending_publish["seq"]
+        if current is None or self._publish_seq != self._announced.seq:
+            self._publish_seq = self._announced.seq
             current = PublishRecord(op.task_id, op.task_name)
             self.publishes.append(current)
         return current
@@ -677,15 +434,13 @@ class InMemoryBroker:
         self._deliveries.append((queue, self.clock.elapsed, message))
         if self.publishes:
             self.publishes[-1].delivered = True
-        # The next publish is a new one even when Celery's signal did not announce it
-        # (plain kombu producers).
-        _pending_publish["seq"] += 1
-        _pending_publish["task_id"] = _pending_publish["task_name"] = None
+        self._announced.delivered()
 
     def _record_redelivery(self, message: Any) -> None:
         headers = message.headers or {}
-        entry = (self.clock.elapsed, headers.get("id", ""), headers.get("task", ""))
-        self.redeliveries.append(entry)
+        self.redeliveries.append(
+            Redelivery(self.clock.elapsed, headers.get("id", ""), headers.get("task", ""))
+        )
 
     def __repr__(self) -> str:
         return f"<InMemoryBroker {self.url} flavor={self.flavor} down={self.is_down}>"
@@ -703,12 +458,29 @@ class _Suspended:
         self.broker._suspended -= 1
 
 
-def announce_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Receiver of Celery's ``before_task_publish``: a new logical publish starts."""
-    headers = headers or {}
-    _pending_publish["seq"] += 1
-    _pending_publish["task_id"] = headers.get("id")
-    _pending_publish["task_name"] = headers.get("task")
+class PublishAnnouncements:
+    """Which logical publish the producer's next operations belong to.
+
+    Celery's ``before_task_publish`` signal announces each (:meth:`announce` is the
+    receiver); a delivery ends it. The test's session owns one for all its brokers.
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.task_id: str | None = None
+        self.task_name: str | None = None
+
+    def announce(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        headers = headers or {}
+        self.seq += 1
+        self.task_id = headers.get("id")
+        self.task_name = headers.get("task")
+
+    def delivered(self) -> None:
+        # The next publish is a new one even when Celery's signal did not announce it
+        # (plain kombu producers).
+        self.seq += 1
+        self.task_id = self.task_name = None
 
 
 def _kinds(on: str | Iterable[str]) -> frozenset[str]:
@@ -762,3 +534,23 @@ def _decode(queue: str, t: float, payload: dict[str, Any], clock: VirtualClock) 
         retries=int(headers.get("retries") or 0),
         countdown=countdown,
     )
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "VisibilityTimeout": (
+            "pytest_celery_retry.flavors.VisibilityTimeout",
+            lambda: flavors.VisibilityTimeout,
+        ),
+        "FLAVORS": ("pytest_celery_retry.flavors.FLAVORS", lambda: tuple(flavors.FLAVORS)),
+        "flavor_for_url": (
+            "pytest_celery_retry.flavors.flavor_for_url(url).name",
+            lambda: lambda url: flavors.flavor_for_url(url).name,
+        ),
+        "CONSUMER_ROLE_OPTION": (
+            "pytest_celery_retry.transport.CONSUMER_ROLE_OPTION",
+            lambda: transport.CONSUMER_ROLE_OPTION,
+        ),
+    },
+)

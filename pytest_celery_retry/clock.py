@@ -20,6 +20,8 @@ from typing import Any
 
 from .errors import UsageError, is_finite_number
 
+__all__ = ["LATEST", "Alarm", "VirtualClock", "local_utc_offset"]
+
 _REAL_SLEEP = time.sleep
 # Only the libraries whose retry loops we drive: patching every module's ``sleep`` would also
 # make user code and other plugins stop waiting, which is not ours to decide.
@@ -102,10 +104,6 @@ class VirtualClock:
         if self._freezer is not None:
             freezer, self._freezer, self._frozen = self._freezer, None, None
             freezer.stop()
-
-    @property
-    def running(self) -> bool:
-        return self._freezer is not None
 
     def __enter__(self) -> VirtualClock:
         return self.start()
@@ -279,13 +277,3 @@ def _fix_aware_now() -> Callable[[], None]:
         FakeDatetime.now = original  # type: ignore[method-assign]
 
     return restore
-
-
-@contextmanager
-def running_clock(clock: VirtualClock) -> Iterator[VirtualClock]:
-    """Start ``clock`` for the duration of the block, and stop it even when the block fails."""
-    clock.start()
-    try:
-        yield clock
-    finally:
-        clock.stop()

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import cast
+
+__all__ = [
+    "CeleryRetryError",
+    "ConfigurationError",
+    "EndlessRetryError",
+    "UsageError",
+    "is_finite_number",
+    "is_number",
+    "is_whole_number",
+    "moved_names",
+]
 
 
 class CeleryRetryError(Exception):
@@ -34,3 +47,21 @@ def is_whole_number(value: object) -> bool:
 def is_finite_number(value: object) -> bool:
     """A number that is neither NaN nor infinite: NaN compares false with every bound."""
     return is_number(value) and math.isfinite(cast(float, value))
+
+
+def moved_names(
+    module: str, moved: dict[str, tuple[str, Callable[[], object]]]
+) -> Callable[[str], object]:
+    """A module ``__getattr__`` serving names that moved or were renamed, with a warning.
+
+    ``moved`` maps each old name to where it lives now (for the message) and how to get it.
+    """
+
+    def __getattr__(name: str) -> object:
+        if name not in moved:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        new, get = moved[name]
+        warnings.warn(f"{module}.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=2)
+        return get()
+
+    return __getattr__

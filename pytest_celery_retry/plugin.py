@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable, Iterator
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .errors import UsageError
+from .errors import UsageError, moved_names
+from .flavors import FLAVORS, flavor_for_broker
 from .session import MEMORY_RESULT_BACKEND, RetrySession, Settings
 
 if TYPE_CHECKING:
@@ -18,8 +20,10 @@ if TYPE_CHECKING:
     from .proxy import BrokerProxy
     from .worker import RetryWorker
 
-DEFAULT_SEED = 1234
-DEFAULT_MAX_ATTEMPTS = 1000
+# The defaults: the options and ini values below start from them.
+_DEFAULTS = Settings()
+# The settings of this pytest run, parsed once at configure time.
+SETTINGS = pytest.StashKey[Settings]()
 _OUTAGE_KEYS = {"fail_next", "seconds", "on", "flavor", "down"}
 
 
@@ -29,20 +33,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--celery-retry-seed",
         type=int,
         default=None,
-        help=f"seed for retry jitter and random broker faults (default {DEFAULT_SEED})",
+        help=f"seed for retry jitter and random broker faults (default {_DEFAULTS.seed})",
     )
     group.addoption(
         "--celery-retry-max-attempts",
         type=int,
         default=None,
         help="attempts after which a retrying task is stopped as endless "
-        f"(default {DEFAULT_MAX_ATTEMPTS})",
+        f"(default {_DEFAULTS.max_attempts})",
     )
-    for kind, variable in (("redis", "CELERY_RETRY_REDIS_URL"), ("amqp", "CELERY_RETRY_AMQP_URL")):
+    for flavor in FLAVORS.values():
         group.addoption(
-            f"--celery-retry-{kind}-url",
+            f"--celery-retry-{flavor.broker}-url",
             default=None,
-            help=f"real {kind} broker for broker_proxy tests (default: ${variable})",
+            help=f"real {flavor.broker} broker for broker_proxy tests (default: "
+            f"${flavor.url_variable})",
         )
     parser.addini("celery_retry_app", "the Celery app to test, as module:attribute", default="")
     parser.addini("celery_retry_seed", "seed for jitter and random faults", default="")
@@ -51,7 +56,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "celery_retry_serialize",
         "send task arguments through the app's serializer on every attempt",
         type="bool",
-        default=True,
+        default=_DEFAULTS.serialize,
     )
     parser.addini(
         "celery_retry_result_backend",
@@ -61,6 +66,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[SETTINGS] = _settings(config)
     config.addinivalue_line(
         "markers",
         "broker_outage(fail_next=N, on='connect', seconds=S, down=False, flavor=None): "
@@ -74,7 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    settings = _settings(config)
+    settings = config.stash[SETTINGS]
     return (
         f"celery-retry: seed={settings.seed} (--celery-retry-seed), "
         f"max attempts={settings.max_attempts}"
@@ -120,9 +126,12 @@ def _int_setting(config: pytest.Config, option: str, ini: str, default: int) -> 
 def _settings(config: pytest.Config) -> Settings:
     backend = str(config.getini("celery_retry_result_backend")).strip()
     return Settings(
-        seed=_int_setting(config, "celery_retry_seed", "celery_retry_seed", DEFAULT_SEED),
+        seed=_int_setting(config, "celery_retry_seed", "celery_retry_seed", _DEFAULTS.seed),
         max_attempts=_int_setting(
-            config, "celery_retry_max_attempts", "celery_retry_max_attempts", DEFAULT_MAX_ATTEMPTS
+            config,
+            "celery_retry_max_attempts",
+            "celery_retry_max_attempts",
+            _DEFAULTS.max_attempts,
         ),
         serialize=bool(config.getini("celery_retry_serialize")),
         result_backend=None if backend == "keep" else backend or MEMORY_RESULT_BACKEND,
@@ -158,7 +167,8 @@ def celery_retry_flavor() -> str | None:
 @pytest.fixture
 def celery_retry_session(pytestconfig: pytest.Config) -> Iterator[RetrySession]:
     """The test's virtual clock and everything the plugin installed, undone at teardown."""
-    session = RetrySession(settings=_settings(pytestconfig)).start()
+    # A copy: a test may change its own settings (retry_worker.settings.max_attempts = 20).
+    session = RetrySession(settings=dataclasses.replace(pytestconfig.stash[SETTINGS])).start()
     try:
         yield session
     finally:
@@ -231,14 +241,11 @@ def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
             "flaky_broker.up()) or False"
         )
     flavor = marker.kwargs.get("flavor")
-    if flavor is not None:
-        from .broker import FLAVORS
-
-        if flavor not in FLAVORS:
-            raise UsageError(
-                f"@pytest.mark.broker_outage(flavor={flavor!r}): choose one of "
-                f"{', '.join(map(repr, FLAVORS))}, or leave it out for the app's broker URL's"
-            )
+    if flavor is not None and flavor not in FLAVORS:
+        raise UsageError(
+            f"@pytest.mark.broker_outage(flavor={flavor!r}): choose one of "
+            f"{', '.join(map(repr, FLAVORS))}, or leave it out for the app's broker URL's"
+        )
     # Present counts, not truthy: seconds=0 is a mistake to report, not an absent option.
     chosen = [key for key in ("fail_next", "seconds") if key in marker.kwargs]
     chosen += ["down"] if down else []
@@ -273,21 +280,23 @@ def broker_proxy(
     """Factory: ``broker_proxy("redis")`` or ``("amqp")`` puts a fault proxy in front of that real
     broker and points the app's broker URL at it. Skips when the broker's URL is not given."""
     from .app_state import AppPatch, real_broker_apps
-    from .proxy import URL_VARIABLES, BrokerProxy
+    from .proxy import BrokerProxy
 
     request.applymarker(pytest.mark.real_broker)
     proxies: list[BrokerProxy] = []
     patches: list[AppPatch] = []
 
     def make(kind: str) -> BrokerProxy:
-        if kind not in URL_VARIABLES:
-            raise UsageError(f"broker_proxy({kind!r}): choose 'redis' or 'amqp'")
-        variable = URL_VARIABLES[kind]
+        flavor = flavor_for_broker(kind)
+        if flavor is None:
+            choices = " or ".join(repr(known.broker) for known in FLAVORS.values())
+            raise UsageError(f"broker_proxy({kind!r}): choose {choices}")
+        variable = flavor.url_variable
         url = pytestconfig.getoption(f"celery_retry_{kind}_url") or os.environ.get(variable)
         if not url:
             pytest.skip(
                 f"no real {kind} broker: set {variable} (or --celery-retry-{kind}-url), "
-                f"e.g. {variable}={_EXAMPLE_URLS[kind]}"
+                f"e.g. {variable}={flavor.example_url}"
             )
         proxy = BrokerProxy(url)
         proxies.append(proxy)
@@ -311,4 +320,13 @@ def broker_proxy(
                 proxy.close()
 
 
-_EXAMPLE_URLS = {"redis": "redis://127.0.0.1:6379/0", "amqp": "amqp://guest:guest@127.0.0.1:5672//"}
+__getattr__ = moved_names(
+    __name__,
+    {
+        "DEFAULT_SEED": ("pytest_celery_retry.session.Settings().seed", lambda: _DEFAULTS.seed),
+        "DEFAULT_MAX_ATTEMPTS": (
+            "pytest_celery_retry.session.Settings().max_attempts",
+            lambda: _DEFAULTS.max_attempts,
+        ),
+    },
+)

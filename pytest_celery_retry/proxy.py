@@ -15,61 +15,30 @@ import socket
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from .errors import ConfigurationError, UsageError, is_number
-from .records import BrokerOperation, PublishRecord, format_table
+from .errors import ConfigurationError, UsageError, is_number, moved_names
+from .flavors import FLAVORS, flavor_for_proxy
+from .records import (
+    BrokerOperation,
+    ConnectionAttempt,
+    ConnectionOutcome,
+    ProxyEvent,
+    PublishRecord,
+    format_table,
+)
 
-AttemptOutcome = Literal["accepted", "refused", "blackholed"]
+__all__ = ["BrokerProxy", "ConnectionAttempt", "CutMode", "ProxyEvent"]
+
 CutMode = Literal["refuse", "reset"]
 _Mode = Literal["open", "refuse", "reset", "blackhole"]
 
-URL_VARIABLES = {"redis": "CELERY_RETRY_REDIS_URL", "amqp": "CELERY_RETRY_AMQP_URL"}
-_KIND_OF_SCHEME = {
-    "redis": "redis",
-    "rediss": "redis",
-    "amqp": "amqp",
-    "amqps": "amqp",
-    "pyamqp": "amqp",
-}
-_DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671, "pyamqp": 5672}
 # How often a forwarding thread looks up from a quiet socket to notice a cut or close.
 _POLL = 0.05
 _CHUNK = 65536
-
-
-@dataclass(frozen=True)
-class ConnectionAttempt:
-    """One TCP connection a client opened to the proxy (or tried to, during a reset cut)."""
-
-    number: int
-    t: float
-    outcome: AttemptOutcome
-    peer: str
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class ProxyEvent:
-    """A fault the test switched on or off, for the timeline."""
-
-    t: float
-    what: str
-
-
-def broker_kind(url: str) -> str:
-    """``redis`` or ``amqp``: which real broker a URL points at."""
-    scheme = url.split("://", 1)[0].lower()
-    kind = _KIND_OF_SCHEME.get(scheme)
-    if kind is None or "://" not in url:
-        raise UsageError(
-            f"broker URL {url!r}: the proxy forwards redis://, rediss://, amqp://, amqps:// "
-            "and pyamqp:// URLs"
-        )
-    return kind
 
 
 def _lists_several(url: object) -> bool:
@@ -121,10 +90,12 @@ class BrokerProxy:
                 "';'.join(proxy.url for proxy in proxies)"
             )
         self.upstream_url = upstream_url
-        self.kind = broker_kind(upstream_url)
+        self._flavor = flavor_for_proxy(upstream_url)
+        # The real broker's name, as broker_proxy() takes it ("redis", "amqp").
+        self.kind = self._flavor.broker
         self._parts = urlsplit(upstream_url)
         self.upstream_host = self._parts.hostname or "127.0.0.1"
-        self.upstream_port = self._parts.port or _DEFAULT_PORTS[self._parts.scheme.lower()]
+        self.upstream_port = self._parts.port or self._flavor.schemes[self._parts.scheme.lower()]
         self.probe_timeout = probe_timeout
         self.events: list[ProxyEvent] = []
         self._attempts: list[ConnectionAttempt] = []
@@ -268,9 +239,20 @@ class BrokerProxy:
 
     # -- records ---------------------------------------------------------------------------
     @property
-    def connection_attempts(self) -> list[ConnectionAttempt]:
+    def connections(self) -> list[ConnectionAttempt]:
+        """Every TCP connection a client opened (or tried to open, during a reset cut)."""
         with self._lock:
             return list(self._attempts)
+
+    @property
+    def connection_attempts(self) -> list[ConnectionAttempt]:
+        """Deprecated: :attr:`connections` (the broker's ``connection_attempts`` are operations)."""
+        warnings.warn(
+            "BrokerProxy.connection_attempts is deprecated: use BrokerProxy.connections",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.connections
 
     @property
     def publishes(self) -> list[PublishRecord]:
@@ -282,7 +264,7 @@ class BrokerProxy:
         """
         records: list[PublishRecord] = []
         current: PublishRecord | None = None
-        for attempt in self.connection_attempts:
+        for attempt in self.connections:
             if current is None:
                 current = PublishRecord(task_id=None, task_name=None)
                 records.append(current)
@@ -341,7 +323,7 @@ class BrokerProxy:
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot reach the {self.kind} broker at {where} ({self.upstream_url}): {exc}. "
-                f"Start the broker, or set {URL_VARIABLES[self.kind]} to the URL of one that "
+                f"Start the broker, or set {self._flavor.url_variable} to the URL of one that "
                 "runs (unset it to skip the real-broker tests)"
             ) from exc
 
@@ -418,7 +400,7 @@ class BrokerProxy:
             self._spawn(self._pump, link, client, upstream, name="up")
             self._spawn(self._pump, link, upstream, client, name="down")
 
-    def _record(self, outcome: AttemptOutcome, peer: str, note: str = "") -> None:
+    def _record(self, outcome: ConnectionOutcome, peer: str, note: str = "") -> None:
         self._attempts.append(
             ConnectionAttempt(next(self._numbers), self._elapsed(), outcome, peer, note)
         )
@@ -445,3 +427,22 @@ class BrokerProxy:
             if link in self._links:
                 self._links.remove(link)
         link.close()
+
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        "AttemptOutcome": (
+            "pytest_celery_retry.records.ConnectionOutcome",
+            lambda: ConnectionOutcome,
+        ),
+        "URL_VARIABLES": (
+            "the url_variable of pytest_celery_retry.flavors.FLAVORS",
+            lambda: {flavor.broker: flavor.url_variable for flavor in FLAVORS.values()},
+        ),
+        "broker_kind": (
+            "pytest_celery_retry.flavors.flavor_for_proxy(url).broker",
+            lambda: lambda url: flavor_for_proxy(url).broker,
+        ),
+    },
+)

@@ -9,11 +9,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored", "worker-lost"]
 RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
 OperationKind = Literal["connect", "publish", "consume", "ack"]
+# What the fault proxy did with a TCP connection a client opened.
+ConnectionOutcome = Literal["accepted", "refused", "blackholed"]
+
+__all__ = [
+    "Attempt",
+    "AttemptOutcome",
+    "BrokerOperation",
+    "ConnectionAttempt",
+    "ConnectionOutcome",
+    "DeliveredMessage",
+    "MessageEvent",
+    "OperationKind",
+    "ProxyEvent",
+    "PublishRecord",
+    "Redelivery",
+    "RunState",
+    "TaskRun",
+    "UnackedMessage",
+    "describe_exception",
+    "format_seconds",
+    "format_table",
+    "parse_eta",
+]
 
 _EXC_WIDTH = 70
 
@@ -271,6 +294,61 @@ class DeliveredMessage:
     retries: int
     # The ETA minus ``t``: negative when the publish was retried past the ETA.
     countdown: float | None = None
+
+
+@dataclass
+class MessageEvent:
+    """What the worker did with a message (acked, rejected, requeued, "ack failed") or what
+    happened to its connection ("connection lost", "reconnected", "visibility sweep"); a
+    connection event has an empty ``task_id`` and ``task_name``."""
+
+    t: float
+    task_id: str
+    task_name: str
+    action: str
+    detail: str = ""
+
+
+class Redelivery(NamedTuple):
+    """An unacknowledged message the broker took back onto its queue (``redeliveries``).
+
+    A named tuple: ``t, task_id, task_name = redelivery`` still unpacks.
+    """
+
+    t: float
+    task_id: str
+    task_name: str
+
+
+class UnackedMessage(NamedTuple):
+    """A message the redis flavour holds in its ``unacked`` hash until a visibility sweep.
+
+    A lost connection had not acknowledged it while Redis was down. A named tuple:
+    ``delivered_at, message = entry`` still unpacks.
+    """
+
+    delivered_at: float
+    # kombu's message, as a visibility sweep hands it back to the queue.
+    message: Any
+
+
+@dataclass(frozen=True)
+class ConnectionAttempt:
+    """One TCP connection a client opened to the fault proxy (or tried to, during a reset cut)."""
+
+    number: int
+    t: float
+    outcome: ConnectionOutcome
+    peer: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ProxyEvent:
+    """A fault the test switched on or off at the fault proxy, for its timeline."""
+
+    t: float
+    what: str
 
 
 def _indent(text: str, prefix: str = "  ") -> str:

@@ -16,7 +16,9 @@ from .app_state import AppPatch, check_retry_policy, hook_celery, real_broker_ap
 from .clock import VirtualClock
 
 if TYPE_CHECKING:
-    from .broker import InMemoryBroker
+    from .broker import InMemoryBroker, PublishAnnouncements
+
+__all__ = ["MEMORY_RESULT_BACKEND", "AppInstallation", "RetrySession", "Settings"]
 
 MEMORY_RESULT_BACKEND = "cache+memory://"
 
@@ -52,7 +54,9 @@ class RetrySession:
     installations: dict[int, AppInstallation] = field(default_factory=dict)
     # Every app's settings as the test found them, restored at close where they changed.
     _patches: dict[int, AppPatch] = field(default_factory=dict)
-    _signal_connected: bool = False
+    # Which task the brokers' producer operations are for, from Celery's before_task_publish
+    # (connected with the first installation).
+    _announcements: PublishAnnouncements | None = None
 
     def start(self) -> RetrySession:
         try:
@@ -77,22 +81,26 @@ class RetrySession:
         installed = self.installations.get(id(app))
         if installed is not None:
             return installed
-        from .broker import InMemoryBroker, announce_publish, flavor_for_url
+        from .broker import InMemoryBroker, PublishAnnouncements
+        from .flavors import flavor_for_url
 
-        if not self._signal_connected:
+        if self._announcements is None:
             from celery.signals import before_task_publish
 
-            before_task_publish.connect(announce_publish, weak=False, dispatch_uid=id(self))
-            self._signal_connected = True
+            self._announcements = PublishAnnouncements()
+            before_task_publish.connect(
+                self._announcements.announce, weak=False, dispatch_uid=id(self)
+            )
         if id(app) not in self._patches:  # an app made (or first seen) during the test
             self._patches[id(app)] = AppPatch(app)
         # This install alone, undone at once if it fails (the test's own changes stay).
         patch = AppPatch(app)
         broker = InMemoryBroker(
             self.clock,
-            flavor or flavor_for_url(app.conf.broker_url),
+            flavor or flavor_for_url(app.conf.broker_url).name,
             self.settings.seed,
             replaces=app.conf.broker_url,
+            announcements=self._announcements,
         )
         try:
             patch.install_broker(broker.url)
@@ -115,7 +123,7 @@ class RetrySession:
         """Undo everything, in reverse order, each step even when an earlier one fails."""
         with ExitStack() as undo:
             undo.callback(self.clock.stop)
-            if self._signal_connected:
+            if self._announcements is not None:
                 undo.callback(self._disconnect_signal)
             for installed in self.installations.values():
                 undo.callback(installed.broker.close)
@@ -131,10 +139,9 @@ class RetrySession:
     def _disconnect_signal(self) -> None:
         from celery.signals import before_task_publish
 
-        from .broker import announce_publish
-
-        before_task_publish.disconnect(announce_publish, dispatch_uid=id(self))
-        self._signal_connected = False
+        if self._announcements is not None:
+            before_task_publish.disconnect(self._announcements.announce, dispatch_uid=id(self))
+            self._announcements = None
 
 
 # The running sessions, the latest in charge; Celery is hooked while there is one.

@@ -30,6 +30,8 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from .clock import Alarm, VirtualClock
 
+__all__ = ["ChildTerminated", "TaskTime"]
+
 # billiard's child handler for SIGTERM exits with -(256 - signum).
 _TERMINATED_EXIT = -(256 - signal.SIGTERM)
 

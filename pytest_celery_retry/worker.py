@@ -10,17 +10,14 @@ nothing is due, it moves the virtual clock to the next of those moments instead 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import os
 import random
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from types import SimpleNamespace
+from datetime import datetime
 from typing import Any
 
 import billiard
@@ -29,20 +26,26 @@ from billiard.common import human_status
 from billiard.einfo import ExceptionInfo
 from celery import _state, signals
 from celery.concurrency.base import BasePool, apply_target
-from celery.exceptions import Retry, TaskRevokedError, WorkerLostError, WorkerShutdown
-from celery.worker.consumer.consumer import Consumer as CeleryConsumer
-from celery.worker.request import Request
+from celery.exceptions import Retry, TaskRevokedError, WorkerLostError
 from kombu.exceptions import EncodeError
-from kombu.serialization import prepare_accept_content
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
-from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
 from .clock import LATEST, VirtualClock
+from .consumer import Consumer
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
-from .records import Attempt, AttemptOutcome, TaskRun, describe_exception, parse_eta
-from .session import AppInstallation, RetrySession
+from .records import (
+    Attempt,
+    AttemptOutcome,
+    MessageEvent,
+    TaskRun,
+    describe_exception,
+    parse_eta,
+)
+from .session import AppInstallation, RetrySession, Settings
 from .task_time import TaskTime
+
+__all__ = ["ArgumentEncodeError", "MessageEvent", "RetryWorker"]
 
 _OUTCOME_OF_STATE: dict[str, AttemptOutcome] = {
     "SUCCESS": "success",
@@ -128,246 +131,6 @@ def _exit_code(exc: BaseException) -> int:
     return exc.code if isinstance(exc.code, int) else 1
 
 
-@dataclass(order=True)
-class _Timed:
-    """An entry of the worker's timer, ordered as kombu's Timer orders them."""
-
-    due: datetime
-    priority: int
-    seq: int
-    fire: Callable[..., None] = field(compare=False)
-    args: tuple[Any, ...] = field(compare=False)
-
-
-@dataclass
-class MessageEvent:
-    """What the worker did with a message: acked, rejected, requeued or redelivered."""
-
-    t: float
-    task_id: str
-    task_name: str
-    action: str
-    detail: str = ""
-
-
-class _Consumer:
-    """The worker's own connection to one app's broker, and the messages it holds.
-
-    Rate limits run on Celery's own Consumer code, borrowed below: a kombu TokenBucket per
-    task type (it reads ``time.monotonic``, which the virtual clock freezes) and the
-    scheduling that holds a request until its bucket has a token. This object stands in for
-    the attributes that code reads: ``task_buckets``, ``timer`` (itself, on virtual time)
-    and ``_limit_move_to_pool`` (the ready queue).
-    """
-
-    bucket_for_task = CeleryConsumer.bucket_for_task
-    reset_rate_limits = CeleryConsumer.reset_rate_limits
-    _limit_task = CeleryConsumer._limit_task
-    _schedule_bucket_request = CeleryConsumer._schedule_bucket_request
-
-    def __init__(self, installed: AppInstallation, events: list[MessageEvent]) -> None:
-        self.app = installed.app
-        self.broker: InMemoryBroker = installed.broker
-        self.events = events
-        self.ready: deque[Any] = deque()
-        # ETA messages and rate-limited requests waiting for their moment (a heap).
-        self.held: list[_Timed] = []
-        self._seq = itertools.count()
-        self.timer = self
-        self._limit_order = 0
-        self.disable_rate_limits = bool(self.app.conf.worker_disable_rate_limits)
-        self.task_buckets: defaultdict[str, Any] = defaultdict(lambda: None)
-        self.reset_rate_limits()
-        # When each request met its bucket, then how long the bucket held it, by id(request).
-        self._limited_since: dict[int, float] = {}
-        self._rate_limit_holds: dict[int, float] = {}
-        # The attributes Celery's Consumer.ensure_connected reads and updates.
-        self._celery_state = SimpleNamespace(
-            app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
-        )
-        # Only a redis consumer sweeps for messages a lost connection left unacknowledged.
-        self.visibility = (
-            VisibilityTimeout.for_app(self.app) if self.broker.flavor == "redis" else None
-        )
-        self.registered_at = 0.0
-        # Why the connection is known to be dead before the next poll (a failed ack).
-        self.broken_by: str | None = None
-        self.connection = self._connect()
-
-    def _connect(self) -> Any:
-        """Connect as a worker's consumer does: Celery's own ensure_connected and its policy."""
-        connection = self.app.connection_for_read(
-            transport_options={CONSUMER_ROLE_OPTION: "consumer"}
-        )
-        connected = CeleryConsumer.ensure_connected(self._celery_state, connection)
-        # The consumer registers with the event loop now: its visibility sweeps count from here.
-        self.registered_at = self.broker.clock.elapsed
-        return connected
-
-    def close(self) -> None:
-        self.connection.release()
-
-    def fetch(self, worker: RetryWorker) -> None:
-        """Take what the broker holds; a lost connection is handled as Celery's consumer does."""
-        recoverable = tuple(self.connection.connection_errors)
-        if self.app.conf.broker_channel_error_retry:
-            recoverable += tuple(self.connection.channel_errors)
-        while True:
-            try:
-                if self.broken_by is not None:
-                    # A real consumer's next read on the dead socket fails.
-                    self._on_connection_lost(self.broken_by)
-                self._fetch(worker)
-                return
-            except recoverable as exc:
-                self._on_connection_lost(repr(exc), exc)
-
-    def _on_connection_lost(self, reason: str, exc: BaseException | None = None) -> None:
-        # As celery.worker.consumer.Consumer.start: without broker_connection_retry the worker
-        # shuts down; otherwise it drops the connection (the broker takes back every message
-        # it had not acknowledged, ETA messages held here included) and reconnects with
-        # broker_connection_max_retries, sleeping on the virtual clock.
-        self.broken_by = None
-        self._connection_event("connection lost", reason)
-        if not self.app.conf.broker_connection_retry:
-            self._connection_event("worker shutdown", "broker_connection_retry=False")
-            raise WorkerShutdown(1) from exc
-        self.ready.clear()
-        self.held.clear()
-        # As Celery's Consumer.on_close: the buckets keep their tokens, not their requests.
-        for bucket in self.task_buckets.values():
-            if bucket:
-                bucket.clear_pending()
-        self._limited_since.clear()
-        self._rate_limit_holds.clear()
-        with self.broker.suspend_faults():
-            self.connection.release()
-        self.connection = self._connect()
-        self._connection_event("reconnected")
-
-    def _connection_event(self, action: str, detail: str = "") -> None:
-        """Record what happened to the connection itself (no task is concerned)."""
-        self.events.append(MessageEvent(self.broker.clock.elapsed, "", "", action, detail))
-
-    def _fetch(self, worker: RetryWorker) -> None:
-        channel = self.connection.default_channel
-        self._sweep(channel)
-        now = self.broker.clock.now()
-        for queue in list(self.broker.queues):
-            while self._can_reserve():
-                message = channel.basic_get(queue, no_ack=False)
-                if message is None:
-                    break
-                request = worker._request_for(self, message)
-                eta = request.eta
-                if eta is not None and eta > now:
-                    # Celery's default strategy: the ETA first, then the rate limit.
-                    self.call_at(eta, self._admit, (request,), priority=6)
-                else:
-                    self._admit(request)
-
-    def _can_reserve(self) -> bool:
-        """Whether the worker's prefetch limit lets it take another message from the broker.
-
-        The limit is worker_prefetch_multiplier x concurrency (1 here) unacknowledged
-        messages. Celery raises it for each ETA message it holds, so those do not count, but
-        messages waiting for their rate limit do: a rate-limited backlog keeps a real worker
-        from fetching other tasks, and so it does here.
-        """
-        limit = self.app.conf.worker_prefetch_multiplier
-        waiting = sum(len(bucket.contents) for bucket in self.task_buckets.values() if bucket)
-        return not limit or len(self.ready) + waiting < limit
-
-    def _admit(self, request: Any) -> None:
-        """Let a due request go to the pool, through its task's rate limit if it has one."""
-        bucket = None if self.disable_rate_limits else self._bucket(request.task)
-        if bucket is None:
-            self.ready.append(request)
-            return
-        self._limited_since[id(request)] = self.broker.clock.elapsed
-        self._limit_task(request, bucket, 1)
-
-    def _bucket(self, task: Any) -> Any:
-        # A real worker builds its buckets when it starts, after every task is registered;
-        # a test may register a task after this worker connected.
-        if task.name not in self.task_buckets:
-            self.task_buckets[task.name] = self.bucket_for_task(task)
-        return self.task_buckets[task.name]
-
-    def _limit_move_to_pool(self, request: Any) -> None:
-        held = self.broker.clock.elapsed - self._limited_since.pop(id(request))
-        if held > 0:
-            self._rate_limit_holds[id(request)] = held
-        self.ready.append(request)
-
-    def rate_limit_hold(self, request: Any) -> float:
-        """Virtual seconds the rate limit held ``request`` back before it went to the pool."""
-        return self._rate_limit_holds.pop(id(request), 0.0)
-
-    # -- the timer Celery's rate-limit code schedules on (kombu's Timer interface) ----------
-    def call_at(
-        self, eta: datetime, fun: Callable[..., None], args: tuple[Any, ...], priority: int = 0
-    ) -> None:
-        heapq.heappush(self.held, _Timed(eta, priority, next(self._seq), fun, args))
-
-    def call_after(
-        self, secs: float, fun: Callable[..., None], args: tuple[Any, ...], priority: int = 0
-    ) -> None:
-        # At least a microsecond (the clock's resolution): a bucket a float rounding short of
-        # a token asks for a wait that would otherwise leave the clock, and the bucket, as is.
-        wait = timedelta(microseconds=max(1, round(secs * 1e6)))
-        self.call_at(self.broker.clock.now() + wait, fun, args, priority)
-
-    def _sweep(self, channel: Any) -> None:
-        """The redis transport's visibility sweep, as of its latest run up to now."""
-        if self.visibility is None or not self.broker.unacked or self.broker.is_down:
-            return
-        swept_at = self.visibility.last_sweep(self.registered_at, self.broker.clock.elapsed)
-        delivered_by = swept_at - self.visibility.visibility_timeout
-        restored = self.broker.restore_visible(channel, delivered_by)
-        if restored:
-            self._connection_event(
-                "visibility sweep",
-                f"{restored} unacknowledged message(s) back on the queue "
-                f"(visibility_timeout={self.visibility.visibility_timeout:g})",
-            )
-
-    def _next_restore(self) -> float | None:
-        if self.visibility is None or not self.broker.unacked:
-            return None
-        earliest = min(delivered_at for delivered_at, _ in self.broker.unacked)
-        return self.visibility.next_restore(earliest, self.registered_at, self.broker.clock.elapsed)
-
-    def next_request(self) -> Any | None:
-        return self.ready.popleft() if self.ready else None
-
-    def wait_for_work(self) -> bool:
-        """Move the clock to the next thing a waiting worker would see; False if there is none.
-
-        That is the earliest held ETA or rate-limit wait (whose messages may become ready:
-        Celery's own code decides, at that moment) or the redis visibility
-        sweep that gives back what a lost connection left unacknowledged, unless a scheduled
-        outage begins first: a real worker notices a lost connection while it waits. The
-        caller polls the broker again after the wait, and sees the outage there.
-        """
-        clock = self.broker.clock
-        wake = [self.held[0].due] if self.held else []
-        restore = self._next_restore()
-        if restore is not None:
-            wake.append(clock.now() + timedelta(seconds=restore - clock.elapsed))
-        if not wake:
-            return False
-        outage = self.broker.next_outage_start
-        due = min(wake)
-        if outage is not None:
-            due = min(due, clock.now() + timedelta(seconds=outage - clock.elapsed))
-        clock.advance_to(due)
-        while self.held and self.held[0].due <= due:
-            entry = heapq.heappop(self.held)
-            entry.fire(*entry.args)
-        return True
-
-
 class RetryWorker:
     """Runs tasks the way a Celery worker does, recording every attempt and retry.
 
@@ -378,18 +141,19 @@ class RetryWorker:
         self._session = session
         self.runs: dict[str, TaskRun] = {}
         self.events: list[MessageEvent] = []
-        self._consumers: dict[int, _Consumer] = {}
+        self._consumers: dict[int, Consumer] = {}
         self._pool = _InlinePool(session.clock)
-        self._current: Attempt | None = None
+        # What Celery and the consumer report while an attempt runs, for _execute to record.
+        self._reports: _Reports | None = None
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
 
     @property
-    def clock(self) -> Any:
+    def clock(self) -> VirtualClock:
         return self._session.clock
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> Settings:
         return self._session.settings
 
     # -- public API ------------------------------------------------------------------------
@@ -478,7 +242,8 @@ class RetryWorker:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
         self._crashes[name] = self._crashes.get(name, 0) + times
 
-    def run(self, task_id: str) -> TaskRun:
+    def task_run(self, task_id: str) -> TaskRun:
+        """The run of ``task_id`` (as ``runs[task_id]``, with an error that lists the known ids)."""
         try:
             return self.runs[task_id]
         except KeyError:
@@ -486,6 +251,15 @@ class RetryWorker:
                 f"no task with id {task_id!r} has run on this worker; known ids: "
                 f"{', '.join(self.runs) or 'none'}"
             ) from None
+
+    def run(self, task_id: str) -> TaskRun:
+        """Deprecated: :meth:`task_run` (``run`` reads as running a task, as in run_until_idle)."""
+        warnings.warn(
+            "RetryWorker.run(task_id) is deprecated: use RetryWorker.task_run(task_id)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.task_run(task_id)
 
     def close(self) -> None:
         for consumer in self._consumers.values():
@@ -508,7 +282,7 @@ class RetryWorker:
         while True:
             if until is not None and self._finished(until):
                 return
-            consumer.fetch(self)
+            consumer.fetch()
             request = consumer.next_request()
             if request is None:
                 if consumer.wait_for_work():
@@ -519,8 +293,7 @@ class RetryWorker:
             if len(run.attempts) >= limit:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
-            self._execute(request, run, installed.broker)
-            self._record_rate_limit(run.attempts[-1], request, consumer)
+            self._execute(request, run, consumer)
 
     def _finished(self, task_id: str) -> bool:
         """A task is over once an attempt ended without scheduling another one."""
@@ -534,7 +307,9 @@ class RetryWorker:
             and not last.ack_failed
         )
 
-    def _execute(self, request: Any, run: TaskRun, broker: InMemoryBroker) -> None:
+    def _execute(self, request: Any, run: TaskRun, consumer: Consumer) -> None:
+        """Run one attempt and record it: the one place that writes an Attempt."""
+        broker = consumer.broker
         headers = request.request_dict
         attempt = Attempt(
             number=len(run.attempts) + 1,
@@ -555,14 +330,18 @@ class RetryWorker:
             crash = self._pool.crash_next = WorkerLostError(
                 "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
             )
-        self._current = attempt
+        reports = self._reports = _Reports(run.task_id)
+        revoked: TaskRevokedError | None = None
         try:
             request.execute_using_pool(self._pool)
         except TaskRevokedError as exc:
-            attempt.outcome, attempt.exc, attempt.raised = "failure", exc, exc
-            attempt.note = "revoked (expired or revoked before it ran)"
+            revoked = exc
         finally:
-            self._current = None
+            self._reports = None
+        self._record_reports(attempt, reports)
+        if revoked is not None:
+            attempt.outcome, attempt.exc, attempt.raised = "failure", revoked, revoked
+            attempt.note = "revoked (expired or revoked before it ran)"
         cause, self._pool.raised = crash or self._pool.raised, None
         if cause is not None:
             self._record_pool_failure(
@@ -586,9 +365,29 @@ class RetryWorker:
         if attempt.outcome == "rejected" and not attempt.retry_published:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
+        self._record_rate_limit(attempt, request, consumer)
 
     @staticmethod
-    def _record_rate_limit(attempt: Attempt, request: Any, consumer: _Consumer) -> None:
+    def _record_reports(attempt: Attempt, reports: _Reports) -> None:
+        """Record what Celery's signals and the consumer reported while the attempt ran."""
+        attempt.args, attempt.kwargs = reports.args, reports.kwargs
+        if reports.state is not None:
+            attempt.outcome = _OUTCOME_OF_STATE.get(reports.state, "failure")
+            if isinstance(reports.returned, BaseException):
+                attempt.exc = _cause_of(reports.returned)
+            else:
+                attempt.result = reports.returned
+        attempt.raised = reports.raised
+        attempt.requeued = reports.requeued
+        if reports.failed_settlement is not None:
+            attempt.ack_failed = True
+            attempt.note = (
+                f"{reports.failed_settlement} failed: the broker was unreachable and still "
+                "holds the message"
+            )
+
+    @staticmethod
+    def _record_rate_limit(attempt: Attempt, request: Any, consumer: Consumer) -> None:
         held = consumer.rate_limit_hold(request)
         if not held:
             return
@@ -645,99 +444,60 @@ class RetryWorker:
             attempt.note = f"soft time limit ({soft:g} s) exceeded"
 
     # -- Celery plumbing -------------------------------------------------------------------
-    def _request_for(self, consumer: _Consumer, message: Any) -> Any:
-        app = consumer.app
-        # A kombu Consumer stamps each message with what the worker accepts; basic_get does not.
-        message.accept = prepare_accept_content(app.conf.accept_content)
-        name = message.headers.get("task") if message.headers else None
-        if name not in app.tasks:
-            message.reject(requeue=False)
-            raise UsageError(
-                f"the broker holds a message for the unregistered task {name!r}: app "
-                f"{app.main!r} does not know it. Import the module that defines the task "
-                "(or fix the name) before running the worker"
-            )
-        event_sink = self.events
-
-        def on_ack(*_: Any) -> None:
-            message.ack_log_error(*_)
-            settled(message, "acked", "ack")
-
-        def on_reject(logger: Any, errors: Any, requeue: bool = False) -> None:
-            message.reject_log_error(logger, errors, requeue=requeue)
-            settled(message, *(("requeued", "requeue") if requeue else ("rejected", "reject")))
-            if requeue and message.acknowledged and self._current is not None:
-                self._current.requeued = True
-
-        def settled(message: Any, done: str, verb: str) -> None:
-            # Celery logs a failed ack or reject and goes on; the broker still holds the message.
-            if message.acknowledged:
-                event_sink.append(self._event(message, done))
-                return
-            event_sink.append(self._event(message, f"{verb} failed"))
-            consumer.broken_by = f"the {verb} of {message.headers.get('id')} failed"
-            if self._current is not None:
-                self._current.ack_failed = True
-                self._current.note = (
-                    f"{verb} failed: the broker was unreachable and still holds the message"
-                )
-
-        return Request(
-            message,
-            on_ack=on_ack,
-            on_reject=on_reject,
-            app=app,
-            hostname="celery-retry@pytest",
-            connection_errors=consumer.connection.connection_errors,
-            task=app.tasks[name],
-        )
-
-    def _event(self, message: Any, action: str) -> MessageEvent:
-        headers = message.headers or {}
-        return MessageEvent(
-            self.clock.elapsed, headers.get("id", ""), headers.get("task", ""), action
-        )
-
     def _run_for(self, request: Any) -> TaskRun:
         run = self.runs.get(request.id)
         if run is None:
             run = self.runs[request.id] = TaskRun(request.id, request.name, seed=self.settings.seed)
         return run
 
-    def _consumer(self, installed: AppInstallation) -> _Consumer:
+    def _consumer(self, installed: AppInstallation) -> Consumer:
         consumer = self._consumers.get(id(installed.app))
         if consumer is None:
-            consumer = self._consumers[id(installed.app)] = _Consumer(installed, self.events)
+            consumer = self._consumers[id(installed.app)] = Consumer(
+                installed, self.events, self._on_settled
+            )
         return consumer
+
+    # -- what Celery and the consumer report while an attempt runs --------------------------
+    def _reporting(self, task_id: str | None) -> _Reports | None:
+        reports = self._reports
+        return reports if reports is not None and task_id == reports.task_id else None
+
+    def _on_settled(self, task_id: str, action: str) -> None:
+        """The consumer's callback: what became of the message of the running attempt."""
+        reports = self._reports
+        if reports is None:
+            return
+        if action == "requeued":
+            reports.requeued = True
+        elif action.endswith(" failed"):
+            reports.failed_settlement = action[: -len(" failed")]
 
     def _on_postrun(
         self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
     ) -> None:
-        attempt = self._current
-        if attempt is None or task_id != attempt.task_id:
+        reports = self._reporting(task_id)
+        if reports is None:
             return
-        attempt.outcome = _OUTCOME_OF_STATE.get(state or "", "failure")
+        reports.state, reports.returned = state or "", retval
         if isinstance(retval, BaseException):
-            attempt.raised = retval
-            attempt.exc = _cause_of(retval)
-        else:
-            attempt.result = retval
+            reports.raised = retval
 
     def _on_prerun(
         self, task_id: str | None = None, args: Any = None, kwargs: Any = None, **_: Any
     ) -> None:
-        attempt = self._current
-        if attempt is not None and task_id == attempt.task_id:
-            attempt.args, attempt.kwargs = tuple(args or ()), dict(kwargs or {})
+        reports = self._reporting(task_id)
+        if reports is not None:
+            reports.args, reports.kwargs = tuple(args or ()), dict(kwargs or {})
 
     def _on_failure(
         self, task_id: str | None = None, exception: BaseException | None = None, **_: Any
     ) -> None:
         # Also sent by Request.on_failure, after the tracer: what the task failed with when
         # its pool reported it (WorkerLostError for a lost process).
-        attempt = self._current
-        if attempt is not None and task_id == attempt.task_id:
-            attempt.raised = exception
+        reports = self._reporting(task_id)
+        if reports is not None:
+            reports.raised = exception
 
     def _receivers(self) -> list[tuple[Any, Any]]:
         return [
@@ -917,6 +677,26 @@ class RetryWorker:
             "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
             f"option celery_retry_max_attempts.\n{tail}"
         )
+
+
+@dataclass
+class _Reports:
+    """What Celery's signals and the consumer reported while one attempt ran.
+
+    Each report overwrites the last of its kind, in the order they came.
+    """
+
+    task_id: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # The tracer's final state (task_postrun), and what it returned or raised.
+    state: str | None = None
+    returned: Any = None
+    # The last exception reported (task_postrun's, or task_failure's).
+    raised: BaseException | None = None
+    # From the consumer: the message was requeued, or its ack (reject, requeue) failed.
+    requeued: bool = False
+    failed_settlement: str | None = None
 
 
 def _drop_tracebacks(attempt: Attempt) -> None:

@@ -90,18 +90,17 @@ def celery_retry_flavor(request: pytest.FixtureRequest) -> str | None:
     return getattr(request, "param", None)
 
 
-REAL_BROKER_URLS = {
-    "redis": ("CELERY_RETRY_REDIS_URL", "redis://127.0.0.1:6379/0"),
-    "amqp": ("CELERY_RETRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-}
-
-
 def real_broker_url(kind: str) -> str:
     """The real broker's URL from the environment, or a skip that says how to provide it."""
     import os
 
-    variable, example = REAL_BROKER_URLS[kind]
-    url = os.environ.get(variable)
+    from pytest_celery_retry.flavors import flavor_for_broker
+
+    flavor = flavor_for_broker(kind)
+    assert flavor is not None, kind
+    url = os.environ.get(flavor.url_variable)
     if not url:
-        pytest.skip(f"set {variable}={example} to run against a real {kind} broker")
+        pytest.skip(
+            f"set {flavor.url_variable}={flavor.example_url} to run against a real {kind} broker"
+        )
     return url

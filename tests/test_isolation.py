@@ -91,7 +91,7 @@ from celery import _state, signals
 from kombu import pools
 
 from conftest import CONF_BEFORE, REAL, app
-from pytest_celery_retry import broker, clock, worker
+from pytest_celery_retry import broker, clock, transport, worker
 
 
 def test_time_is_real():
@@ -123,7 +123,7 @@ def test_app_config_is_restored():
     assert dict(app.conf.changes) == CONF_BEFORE
     assert not app.conf.task_always_eager
     assert app._pool is None
-    assert broker._brokers == {}
+    assert transport._brokers == {}
     assert getattr(_state._tls, "current_app", None) is not app
 
 
@@ -148,7 +148,7 @@ def test_signal_receivers_are_disconnected():
         for _, receiver in signal.receivers:
             target = receiver() if callable(getattr(receiver, "__callback__", None)) else receiver
             owner = getattr(target, "__self__", None)
-            if isinstance(owner, worker.RetryWorker) or target is broker.announce_publish:
+            if isinstance(owner, (worker.RetryWorker, broker.PublishAnnouncements)):
                 found.append(target)
         return found
 

@@ -174,7 +174,7 @@ def test_an_app_pointed_at_broker_proxy(broker_proxy, celery_retry_app, retry_wo
     with pytest.raises(OperationalError):
         with celery_retry_app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1)
-    assert [attempt.outcome for attempt in proxy.connection_attempts][:1] == ["accepted"]
+    assert [attempt.outcome for attempt in proxy.connections][:1] == ["accepted"]
 """
 
 

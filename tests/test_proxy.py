@@ -149,7 +149,7 @@ def test_forwards_both_ways_and_records_the_connection(
 ) -> None:
     with connect(proxy) as sock:
         assert roundtrip(sock, b"PING") == b"PING"
-    [attempt] = proxy.connection_attempts
+    [attempt] = proxy.connections
     assert attempt.outcome == "accepted"
     assert 0 <= attempt.t < 5
     assert echo.connections == 2  # start() probes the upstream once
@@ -166,7 +166,7 @@ def test_cut_refuses_new_connections_and_drops_open_ones(proxy: BrokerProxy) -> 
     proxy.restore()
     with connect(proxy) as again:
         assert roundtrip(again) == b"ping"
-    assert [a.outcome for a in proxy.connection_attempts] == ["accepted", "accepted"]
+    assert [a.outcome for a in proxy.connections] == ["accepted", "accepted"]
 
 
 def test_cut_with_reset_accepts_records_and_resets(proxy: BrokerProxy, echo: EchoServer) -> None:
@@ -175,7 +175,7 @@ def test_cut_with_reset_accepts_records_and_resets(proxy: BrokerProxy, echo: Ech
     # The reset can beat connect()'s own return on loopback: either way the client is reset.
     with pytest.raises(ConnectionResetError), connect(proxy) as sock:
         roundtrip(sock)
-    assert [a.outcome for a in proxy.connection_attempts] == ["refused"]
+    assert [a.outcome for a in proxy.connections] == ["refused"]
     assert echo.connections == probes
 
 
@@ -200,7 +200,7 @@ def test_blackhole_accepts_but_never_answers(proxy: BrokerProxy, echo: EchoServe
             sock.recv(10)
         assert time.monotonic() - started >= 0.25
     assert echo.connections == probes
-    assert proxy.connection_attempts[-1].outcome == "blackholed"
+    assert proxy.connections[-1].outcome == "blackholed"
     proxy.restore()
     with connect(proxy) as again:
         assert roundtrip(again) == b"ping"

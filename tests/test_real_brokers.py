@@ -20,7 +20,8 @@ from kombu.transport import redis as redis_transport
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pytest_celery_retry import assert_publish_retries
-from pytest_celery_retry.proxy import URL_VARIABLES, BrokerProxy, CutMode
+from pytest_celery_retry.flavors import flavor_for_broker
+from pytest_celery_retry.proxy import BrokerProxy, CutMode
 
 pytestmark = pytest.mark.real_broker
 
@@ -49,7 +50,9 @@ def configure(app: Any, kind: str, **transport_options: Any) -> None:
 
 
 def real_url(kind: str) -> str:
-    return os.environ[URL_VARIABLES[kind]]
+    flavor = flavor_for_broker(kind)
+    assert flavor is not None, kind
+    return os.environ[flavor.url_variable]
 
 
 def new_queue() -> str:
@@ -135,13 +138,13 @@ def test_publish_after_a_blip(broker_proxy: ProxyFactory, app: Any, kind: str, r
         publish(app, queue)
         proxy.outage(0.5)
         time.sleep(1.0)
-        connections_before = len(proxy.connection_attempts)
+        connections_before = len(proxy.connections)
         error: BaseException | None = None
         try:
             app.send_task("foo.task", queue=queue, retry=retry, retry_policy=POLICY)
         except OperationalError as exc:
             error = exc
-        reconnects = len(proxy.connection_attempts) - connections_before
+        reconnects = len(proxy.connections) - connections_before
         arrived = drain(kind, queue, delete=False)
     finally:
         drain(kind, queue)
@@ -237,7 +240,7 @@ def test_worker_loses_the_broker_and_resumes(
         drain(kind, queue)
     assert [token for token, _ in runs] == ["before", "during"], proxy.timeline()
     assert resumed_after < 5
-    reconnects = [a for a in proxy.connection_attempts if a.t > runs[0][1] + 1]
+    reconnects = [a for a in proxy.connections if a.t > runs[0][1] + 1]
     assert reconnects, proxy.timeline()
 
 

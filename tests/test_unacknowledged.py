@@ -14,7 +14,7 @@ import pytest
 from kombu.transport import redis as redis_transport
 
 from pytest_celery_retry import UsageError
-from pytest_celery_retry.broker import VisibilityTimeout
+from pytest_celery_retry.flavors import VisibilityTimeout
 from tests.conftest import actions, consumer_connects, make_app, make_poll_app
 
 # kombu 5.7 made the redis sweep timer configurable (unacked_restore_interval / _throttle);

@@ -1,0 +1,316 @@
+"""The retry worker's consumer: its connection to one app's broker and the messages it holds.
+
+It fetches as a worker's consumer does (prefetch limit, Celery's own reconnect policy), holds
+ETA messages and rate-limited requests on virtual time (Celery's own token buckets), builds
+Celery's worker ``Request`` for each message, and runs the redis flavour's visibility sweeps.
+What became of each message it settles (acked, rejected, requeued, or an ack that failed)
+reaches the worker through one callback.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import WorkerShutdown
+from celery.worker.consumer.consumer import Consumer as CeleryConsumer
+from celery.worker.request import Request
+from kombu.serialization import prepare_accept_content
+
+from .errors import UsageError
+from .records import MessageEvent
+from .transport import CONSUMER_ROLE_OPTION
+
+if TYPE_CHECKING:
+    from .broker import InMemoryBroker
+    from .session import AppInstallation
+
+__all__ = ["Consumer", "Settled"]
+
+# Told what became of a message the consumer settled: its task id and the action
+# ("acked", "rejected", "requeued", or "ack failed", "reject failed", "requeue failed").
+Settled = Callable[[str, str], None]
+
+
+@dataclass(order=True)
+class _Timed:
+    """An entry of the worker's timer, ordered as kombu's Timer orders them."""
+
+    due: datetime
+    priority: int
+    seq: int
+    fire: Callable[..., None] = field(compare=False)
+    args: tuple[Any, ...] = field(compare=False)
+
+
+class Consumer:
+    """The worker's own connection to one app's broker, and the messages it holds.
+
+    Rate limits run on Celery's own Consumer code, borrowed below: a kombu TokenBucket per
+    task type (it reads ``time.monotonic``, which the virtual clock freezes) and the
+    scheduling that holds a request until its bucket has a token. This object stands in for
+    the attributes that code reads: ``task_buckets``, ``timer`` (itself, on virtual time)
+    and ``_limit_move_to_pool`` (the ready queue).
+    """
+
+    bucket_for_task = CeleryConsumer.bucket_for_task
+    reset_rate_limits = CeleryConsumer.reset_rate_limits
+    _limit_task = CeleryConsumer._limit_task
+    _schedule_bucket_request = CeleryConsumer._schedule_bucket_request
+
+    def __init__(
+        self, installed: AppInstallation, events: list[MessageEvent], on_settled: Settled
+    ) -> None:
+        self.app = installed.app
+        self.broker: InMemoryBroker = installed.broker
+        self.events = events
+        self._on_settled = on_settled
+        self.ready: deque[Any] = deque()
+        # ETA messages and rate-limited requests waiting for their moment (a heap).
+        self.held: list[_Timed] = []
+        self._seq = itertools.count()
+        self.timer = self
+        self._limit_order = 0
+        self.disable_rate_limits = bool(self.app.conf.worker_disable_rate_limits)
+        self.task_buckets: defaultdict[str, Any] = defaultdict(lambda: None)
+        self.reset_rate_limits()
+        # When each request met its bucket, then how long the bucket held it, by id(request).
+        self._limited_since: dict[int, float] = {}
+        self._rate_limit_holds: dict[int, float] = {}
+        # The attributes Celery's Consumer.ensure_connected reads and updates.
+        self._celery_state = SimpleNamespace(
+            app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
+        )
+        # Only where the broker parks what a lost connection left unacknowledged (redis) does
+        # a consumer sweep it back.
+        self.visibility = self.broker.rules.visibility(self.app)
+        self.registered_at = 0.0
+        # Why the connection is known to be dead before the next poll (a failed ack).
+        self.broken_by: str | None = None
+        self.connection = self._connect()
+
+    def _connect(self) -> Any:
+        """Connect as a worker's consumer does: Celery's own ensure_connected and its policy."""
+        connection = self.app.connection_for_read(
+            transport_options={CONSUMER_ROLE_OPTION: "consumer"}
+        )
+        connected = CeleryConsumer.ensure_connected(self._celery_state, connection)
+        # The consumer registers with the event loop now: its visibility sweeps count from here.
+        self.registered_at = self.broker.clock.elapsed
+        return connected
+
+    def close(self) -> None:
+        self.connection.release()
+
+    def fetch(self) -> None:
+        """Take what the broker holds; a lost connection is handled as Celery's consumer does."""
+        recoverable = tuple(self.connection.connection_errors)
+        if self.app.conf.broker_channel_error_retry:
+            recoverable += tuple(self.connection.channel_errors)
+        while True:
+            try:
+                if self.broken_by is not None:
+                    # A real consumer's next read on the dead socket fails.
+                    self._on_connection_lost(self.broken_by)
+                self._fetch()
+                return
+            except recoverable as exc:
+                self._on_connection_lost(repr(exc), exc)
+
+    def _on_connection_lost(self, reason: str, exc: BaseException | None = None) -> None:
+        # As celery.worker.consumer.Consumer.start: without broker_connection_retry the worker
+        # shuts down; otherwise it drops the connection (the broker takes back every message
+        # it had not acknowledged, ETA messages held here included) and reconnects with
+        # broker_connection_max_retries, sleeping on the virtual clock.
+        self.broken_by = None
+        self._connection_event("connection lost", reason)
+        if not self.app.conf.broker_connection_retry:
+            self._connection_event("worker shutdown", "broker_connection_retry=False")
+            raise WorkerShutdown(1) from exc
+        self.ready.clear()
+        self.held.clear()
+        # As Celery's Consumer.on_close: the buckets keep their tokens, not their requests.
+        for bucket in self.task_buckets.values():
+            if bucket:
+                bucket.clear_pending()
+        self._limited_since.clear()
+        self._rate_limit_holds.clear()
+        with self.broker.suspend_faults():
+            self.connection.release()
+        self.connection = self._connect()
+        self._connection_event("reconnected")
+
+    def _connection_event(self, action: str, detail: str = "") -> None:
+        """Record what happened to the connection itself (no task is concerned)."""
+        self.events.append(MessageEvent(self.broker.clock.elapsed, "", "", action, detail))
+
+    def _fetch(self) -> None:
+        channel = self.connection.default_channel
+        self._sweep(channel)
+        now = self.broker.clock.now()
+        for queue in list(self.broker.queues):
+            while self._can_reserve():
+                message = channel.basic_get(queue, no_ack=False)
+                if message is None:
+                    break
+                request = self._request_for(message)
+                eta = request.eta
+                if eta is not None and eta > now:
+                    # Celery's default strategy: the ETA first, then the rate limit.
+                    self.call_at(eta, self._admit, (request,), priority=6)
+                else:
+                    self._admit(request)
+
+    def _can_reserve(self) -> bool:
+        """Whether the worker's prefetch limit lets it take another message from the broker.
+
+        The limit is worker_prefetch_multiplier x concurrency (1 here) unacknowledged
+        messages. Celery raises it for each ETA message it holds, so those do not count, but
+        messages waiting for their rate limit do: a rate-limited backlog keeps a real worker
+        from fetching other tasks, and so it does here.
+        """
+        limit = self.app.conf.worker_prefetch_multiplier
+        waiting = sum(len(bucket.contents) for bucket in self.task_buckets.values() if bucket)
+        return not limit or len(self.ready) + waiting < limit
+
+    def _admit(self, request: Any) -> None:
+        """Let a due request go to the pool, through its task's rate limit if it has one."""
+        bucket = None if self.disable_rate_limits else self._bucket(request.task)
+        if bucket is None:
+            self.ready.append(request)
+            return
+        self._limited_since[id(request)] = self.broker.clock.elapsed
+        self._limit_task(request, bucket, 1)
+
+    def _bucket(self, task: Any) -> Any:
+        # A real worker builds its buckets when it starts, after every task is registered;
+        # a test may register a task after this worker connected.
+        if task.name not in self.task_buckets:
+            self.task_buckets[task.name] = self.bucket_for_task(task)
+        return self.task_buckets[task.name]
+
+    def _limit_move_to_pool(self, request: Any) -> None:
+        held = self.broker.clock.elapsed - self._limited_since.pop(id(request))
+        if held > 0:
+            self._rate_limit_holds[id(request)] = held
+        self.ready.append(request)
+
+    def rate_limit_hold(self, request: Any) -> float:
+        """Virtual seconds the rate limit held ``request`` back before it went to the pool."""
+        return self._rate_limit_holds.pop(id(request), 0.0)
+
+    # -- the timer Celery's rate-limit code schedules on (kombu's Timer interface) ----------
+    def call_at(
+        self, eta: datetime, fun: Callable[..., None], args: tuple[Any, ...], priority: int = 0
+    ) -> None:
+        heapq.heappush(self.held, _Timed(eta, priority, next(self._seq), fun, args))
+
+    def call_after(
+        self, secs: float, fun: Callable[..., None], args: tuple[Any, ...], priority: int = 0
+    ) -> None:
+        # At least a microsecond (the clock's resolution): a bucket a float rounding short of
+        # a token asks for a wait that would otherwise leave the clock, and the bucket, as is.
+        wait = timedelta(microseconds=max(1, round(secs * 1e6)))
+        self.call_at(self.broker.clock.now() + wait, fun, args, priority)
+
+    def _sweep(self, channel: Any) -> None:
+        """The redis transport's visibility sweep, as of its latest run up to now."""
+        if self.visibility is None or not self.broker.unacked or self.broker.is_down:
+            return
+        swept_at = self.visibility.last_sweep(self.registered_at, self.broker.clock.elapsed)
+        delivered_by = swept_at - self.visibility.visibility_timeout
+        restored = self.broker.restore_visible(channel, delivered_by)
+        if restored:
+            self._connection_event(
+                "visibility sweep",
+                f"{restored} unacknowledged message(s) back on the queue "
+                f"(visibility_timeout={self.visibility.visibility_timeout:g})",
+            )
+
+    def _next_restore(self) -> float | None:
+        if self.visibility is None or not self.broker.unacked:
+            return None
+        earliest = min(entry.delivered_at for entry in self.broker.unacked)
+        return self.visibility.next_restore(earliest, self.registered_at, self.broker.clock.elapsed)
+
+    def next_request(self) -> Any | None:
+        return self.ready.popleft() if self.ready else None
+
+    def wait_for_work(self) -> bool:
+        """Move the clock to the next thing a waiting worker would see; False if there is none.
+
+        That is the earliest held ETA or rate-limit wait (whose messages may become ready:
+        Celery's own code decides, at that moment) or the redis visibility
+        sweep that gives back what a lost connection left unacknowledged, unless a scheduled
+        outage begins first: a real worker notices a lost connection while it waits. The
+        caller polls the broker again after the wait, and sees the outage there.
+        """
+        clock = self.broker.clock
+        wake = [self.held[0].due] if self.held else []
+        restore = self._next_restore()
+        if restore is not None:
+            wake.append(clock.now() + timedelta(seconds=restore - clock.elapsed))
+        if not wake:
+            return False
+        outage = self.broker.next_outage_start
+        due = min(wake)
+        if outage is not None:
+            due = min(due, clock.now() + timedelta(seconds=outage - clock.elapsed))
+        clock.advance_to(due)
+        while self.held and self.held[0].due <= due:
+            entry = heapq.heappop(self.held)
+            entry.fire(*entry.args)
+        return True
+
+    # -- Celery's Request ------------------------------------------------------------------
+    def _request_for(self, message: Any) -> Any:
+        """Celery's worker Request for ``message``, settling it through this consumer."""
+        app = self.app
+        # A kombu Consumer stamps each message with what the worker accepts; basic_get does not.
+        message.accept = prepare_accept_content(app.conf.accept_content)
+        name = message.headers.get("task") if message.headers else None
+        if name not in app.tasks:
+            message.reject(requeue=False)
+            raise UsageError(
+                f"the broker holds a message for the unregistered task {name!r}: app "
+                f"{app.main!r} does not know it. Import the module that defines the task "
+                "(or fix the name) before running the worker"
+            )
+
+        def on_ack(*_: Any) -> None:
+            message.ack_log_error(*_)
+            self._settled(message, "acked", "ack")
+
+        def on_reject(logger: Any, errors: Any, requeue: bool = False) -> None:
+            message.reject_log_error(logger, errors, requeue=requeue)
+            self._settled(
+                message, *(("requeued", "requeue") if requeue else ("rejected", "reject"))
+            )
+
+        return Request(
+            message,
+            on_ack=on_ack,
+            on_reject=on_reject,
+            app=app,
+            hostname="celery-retry@pytest",
+            connection_errors=self.connection.connection_errors,
+            task=app.tasks[name],
+        )
+
+    def _settled(self, message: Any, done: str, verb: str) -> None:
+        # Celery logs a failed ack or reject and goes on; the broker still holds the message.
+        headers = message.headers or {}
+        task_id = headers.get("id", "")
+        action = done if message.acknowledged else f"{verb} failed"
+        self.events.append(
+            MessageEvent(self.broker.clock.elapsed, task_id, headers.get("task", ""), action)
+        )
+        if not message.acknowledged:
+            self.broken_by = f"the {verb} of {headers.get('id')} failed"
+        self._on_settled(task_id, action)
