@@ -39,6 +39,7 @@ from kombu.utils.uuid import uuid
 from .app_state import check_retry_policy
 from .broker import CONSUMER_ROLE_OPTION, InMemoryBroker, VisibilityTimeout
 from .clock import LATEST, VirtualClock
+from .einfo import remembered_tracebacks
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
 from .records import Attempt, AttemptOutcome, TaskRun, describe_exception, parse_eta
 from .session import AppInstallation, RetrySession
@@ -557,7 +558,8 @@ class RetryWorker:
             )
         self._current = attempt
         try:
-            request.execute_using_pool(self._pool)
+            with remembered_tracebacks():
+                request.execute_using_pool(self._pool)
         except TaskRevokedError as exc:
             attempt.outcome, attempt.exc, attempt.raised = "failure", exc, exc
             attempt.note = "revoked (expired or revoked before it ran)"

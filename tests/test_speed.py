@@ -100,3 +100,161 @@ def test_time_read_in_the_test_itself_is_real_and_datetime_is_virtual(retry_work
     assert abs(time.time() - freezegun.api.real_time()) < 60
     assert datetime.now(timezone.utc) == retry_worker.clock.now()
     assert abs(retry_worker.clock.now().timestamp() - freezegun.api.real_time() - 3600) < 60
+
+
+# -- tracebacks: remembered per code object, the same as made afresh ---------------------------
+def _app_that_fails() -> Any:
+    from celery import Celery
+
+    app = Celery("speed-einfo", broker="memory://", set_as_current=False)
+
+    def deeper(depth: int) -> None:
+        # The same code object several times in one traceback.
+        if depth:
+            deeper(depth - 1)
+        raise KeyError(f"missing at depth {depth}")
+
+    @app.task(name="speed.retries", bind=True, max_retries=2, shared=False)
+    def retries(self: Any) -> None:
+        try:
+            deeper(3)
+        except KeyError as exc:
+            raise self.retry(exc=exc, countdown=1) from exc
+
+    @app.task(name="speed.fails", shared=False)
+    def fails() -> None:
+        try:
+            {}["key"]
+        except KeyError as exc:
+            raise ValueError("chained") from exc
+
+    return app
+
+
+def _frames(tb: Any) -> list[dict[str, Any]]:
+    """Everything billiard's traceback copy holds, frame by frame."""
+    frames = []
+    while tb is not None:
+        frame = tb.tb_frame
+        frames.append(
+            {
+                "tb": {k: v for k, v in vars(tb).items() if k not in ("tb_frame", "tb_next")},
+                "frame": {k: v for k, v in vars(frame).items() if k != "f_code"},
+                "code": dict(vars(frame.f_code)),
+                "positions": list(frame.f_code.co_positions()),
+            }
+        )
+        tb = tb.tb_next
+    return frames
+
+
+def _observe(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    """Run both tasks on the retry worker; what signal handlers, the backend and logs see."""
+    import logging
+    import pickle
+    import traceback
+
+    from celery import signals
+
+    from pytest_celery_retry.session import RetrySession
+    from pytest_celery_retry.worker import RetryWorker
+
+    app = _app_that_fails()
+    seen: dict[str, Any] = {"signals": [], "einfo": []}
+
+    def on_signal(signal: Any = None, sender: Any = None, **kwargs: Any) -> None:
+        einfo = kwargs.pop("einfo")
+        seen["signals"].append((signal.name, sorted(kwargs), str(kwargs.get("exception", ""))))
+        reloaded = pickle.loads(pickle.dumps(einfo))
+        seen["einfo"].append(
+            {
+                "traceback": einfo.traceback,
+                "repr": repr(einfo),
+                "format_tb": traceback.format_tb(einfo.tb),
+                "frames": _frames(einfo.tb),
+                "pickled frames": _frames(reloaded.tb),
+                "pickled traceback": reloaded.traceback,
+                "pickled exception": repr(reloaded.exception),
+            }
+        )
+
+    for signal in (signals.task_retry, signals.task_failure):
+        signal.connect(on_signal, weak=False, dispatch_uid="speed-einfo")
+    session = RetrySession().start()
+    try:
+        session.installation(app)
+        worker = RetryWorker(session)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="celery"):
+            runs = [worker.apply(app.tasks[name]) for name in ("speed.retries", "speed.fails")]
+        seen["backend"] = [app.backend.get_task_meta(run.task_id)["traceback"] for run in runs]
+        seen["logs"] = [
+            (record.levelname, record.getMessage().replace(run.task_id, "<id>"))
+            for record in caplog.records
+            for run in runs
+            if run.task_id in record.getMessage()
+        ]
+        seen["logged tracebacks"] = [
+            logging.Formatter().formatException(record.exc_info)
+            for record in caplog.records
+            if record.exc_info
+        ]
+        seen["records"] = [
+            [(a.outcome, repr(a.exc), a.countdown) for a in run.attempts] for run in runs
+        ]
+        worker.close()
+    finally:
+        session.close()
+        for signal in (signals.task_retry, signals.task_failure):
+            signal.disconnect(on_signal, dispatch_uid="speed-einfo")
+    return seen
+
+
+def test_tracebacks_are_the_same_remembered_or_made_afresh(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_celery_retry import einfo
+
+    remembered = _observe(caplog)
+    with monkeypatch.context() as afresh:
+        afresh.setattr(einfo, "_REMEMBERED", [])
+        made_afresh = _observe(caplog)
+    assert remembered == made_afresh
+    assert len(remembered["einfo"]) == 4  # two retries and a failure, and a failure
+    assert all(traceback for traceback in remembered["backend"])
+    assert remembered["logged tracebacks"]
+
+
+def test_tracebacks_are_remembered_only_while_the_worker_executes(
+    retry_worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import traceback
+
+    from billiard import einfo
+
+    app = _app_that_fails()
+    originals = (einfo._Frame.Code, traceback._get_code_position)
+    retry_worker.apply(app.tasks["speed.retries"])
+    assert (einfo._Frame.Code, traceback._get_code_position) == originals
+    assert einfo._Frame.Code is einfo._Code
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="billiard copies positions on 3.11+")
+def test_each_code_object_is_copied_once_not_once_per_retry(
+    retry_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billiard import einfo
+
+    app = _app_that_fails()
+    app.tasks["speed.retries"].max_retries = 20
+    copied: list[Any] = []
+    real_init = einfo._Code.__init__
+
+    def counting_init(self: Any, code: Any) -> None:
+        copied.append(code)
+        real_init(self, code)
+
+    monkeypatch.setattr(einfo._Code, "__init__", counting_init)
+    retry_worker.apply(app.tasks["speed.retries"])
+    # Before: every frame of every retry's traceback, about 20 for each of the 20 retries.
+    assert len(copied) == len({id(code) for code in copied})
