@@ -73,6 +73,7 @@ class VirtualClock:
         self._freezer: Any = None
         self._frozen: Any = None
         self._patched_sleeps: list[tuple[Any, str, Any]] = []
+        self._modules_at_start: set[str] = set()
         self._restore_now: Callable[[], None] | None = None
         self._local_offset = timedelta(0)
         self._offset_slot = 0
@@ -244,6 +245,7 @@ class VirtualClock:
         for module, stand_in in patches:
             self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
             module.sleep = stand_in
+        self._modules_at_start = set(sys.modules)
 
     def _unpatch_sleeps(self) -> None:
         for module, name, original in reversed(self._patched_sleeps):
@@ -251,10 +253,13 @@ class VirtualClock:
         if not self._patched_sleeps:
             return
         self._patched_sleeps.clear()
-        # Modules imported while the clock ran took the stand-in from time.sleep.
-        for module in list(sys.modules.values()):
+        # Modules imported while the clock ran took the stand-in from time.sleep (as freezegun,
+        # only those are looked at: the others were patched, and restored, above).
+        for name in set(sys.modules) - self._modules_at_start:
+            module = sys.modules.get(name)
             if getattr(_own_attribute(module, "sleep"), "__self__", None) is self:
                 setattr(module, "sleep", _REAL_SLEEP)  # noqa: B010 (a module, typed as one)
+        self._modules_at_start = set()
 
 
 def _own_attribute(module: Any, name: str) -> Any:

@@ -84,6 +84,22 @@ def test_a_module_whose_names_change_at_the_same_count_is_listed_again(
     assert fresh_module.now is time.time
 
 
+def test_a_module_imported_while_the_clock_runs_gets_the_real_sleep_back(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "speed_sleeper.py").write_text("from time import sleep\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real_sleep = time.sleep
+    try:
+        with VirtualClock():
+            import speed_sleeper  # type: ignore[import-not-found]
+
+            assert speed_sleeper.sleep is not real_sleep
+        assert speed_sleeper.sleep is real_sleep
+    finally:
+        sys.modules.pop("speed_sleeper", None)
+
+
 def test_a_freeze_time_of_the_test_keeps_freezegun_s_own_cache(module_listings: list[str]) -> None:
     with VirtualClock():
         pass
