@@ -566,6 +566,20 @@ def main() -> None:
             (f"N={n}: eager Task.apply(), per attempt", spread(eager, ms)),
             (f"N={n}: retry_worker / eager (target <= 1.0x)", ratio(worker, eager)),
         ]
+    # What one more retry costs, without what every apply() costs once (the first publish,
+    # the consumer, the result); pair i of N=3 and pair i of N=10 ran close together.
+    extra = [
+        [
+            (later * 11 - earlier * 4) / 7
+            for earlier, later in zip(per_attempt[3][k], per_attempt[10][k])
+        ]
+        for k in (0, 1)
+    ]
+    rows += [
+        ("one more retry (N=3 -> 10): retry_worker", spread(extra[0], ms)),
+        ("one more retry (N=3 -> 10): eager", spread(extra[1], ms)),
+        ("one more retry: retry_worker / eager", ratio(extra[0], extra[1])),
+    ]
     print(table(rows))
     print("\n(b) many retries on the retry worker (one run each)")
     eager_100 = statistics.median(per_attempt[100][1])
