@@ -138,6 +138,18 @@ def worker_retries(app: Any, n: int) -> float:
     return with_worker(body)  # type: ignore[no-any-return]
 
 
+def worker_retries_afresh(app: Any, n: int) -> float:
+    """``worker_retries`` with billiard and ``traceback`` doing all their work on every retry."""
+    from pytest_celery_retry import einfo
+
+    remembered = list(einfo._REMEMBERED)
+    einfo._REMEMBERED.clear()
+    try:
+        return worker_retries(app, n)
+    finally:
+        einfo._REMEMBERED[:] = remembered
+
+
 def eager_retries(app: Any, n: int) -> float:
     """CPU seconds for Celery's own eager ``Task.apply()`` of the same task (it recurses)."""
     start = cpu()
@@ -535,6 +547,10 @@ def main() -> None:
         for n in (3, 10, 100)
     }
     (once,) = pairs(lambda: eager_once(app, 200))
+    remembered, afresh = pairs(
+        functools.partial(per_attempt_of, worker_retries, app, 10),
+        functools.partial(per_attempt_of, worker_retries_afresh, app, 10),
+    )
 
     # (b) 10,000 retries against 1,000: CPU time and peak memory; what the records keep
     cpu_1k = worker_retries(app, 1_000)
@@ -584,6 +600,10 @@ def main() -> None:
         ("one more retry (N=3 -> 10): retry_worker", spread(extra[0], ms)),
         ("one more retry (N=3 -> 10): eager", spread(extra[1], ms)),
         ("one more retry: retry_worker / eager", ratio(extra[0], extra[1])),
+    ]
+    rows += [
+        ("N=10: tracebacks made afresh (einfo.py off)", spread(afresh, ms)),
+        ("N=10: remembered / afresh", ratio(remembered, afresh)),
     ]
     print(table(rows))
     print("\n(b) many retries on the retry worker (one run each)")
