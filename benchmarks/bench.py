@@ -4,15 +4,21 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/bench.py
 
-Wall times use ``freezegun.api.real_perf_counter``: while a virtual clock runs, freezegun
-replaces ``time.perf_counter`` (and every module-level copy of it) with its frozen one, but
-leaves its own module alone.
+Every ratio compares two things measured as alternating pairs in one process (the second
+right after the first, PAIRS times), in CPU time (``time.process_time``, which freezegun leaves
+alone): load from elsewhere on the machine hits both sides of a pair alike. Each is reported
+as the minimum and the median over the pairs. Wall times (start-up, 10,000 retries) use
+``freezegun.api.real_perf_counter``: while a virtual clock runs, freezegun replaces
+``time.perf_counter`` (and every module-level copy of it) with its frozen one, but leaves its
+own module alone.
 """
 
 from __future__ import annotations
 
 import cProfile
+import functools
 import gc
+import json
 import os
 import platform
 import pstats
@@ -20,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,7 +35,8 @@ from typing import Any
 import freezegun.api
 
 STARTUP_RUNS = 15
-BEST_OF = 5
+PAIRS = 9
+PER_TEST_ROUNDS = 40
 # Whose code a profiled function is, by the package its file lives in. Standard-library and
 # built-in functions are charged to whoever called them (see ``charge_to_owners``).
 OWNERS = {
@@ -45,6 +53,31 @@ OWNERS = {
 
 def real_perf() -> float:
     return freezegun.api.real_perf_counter()
+
+
+def cpu() -> float:
+    return time.process_time()
+
+
+def pairs(*measures: Callable[[], float], count: int = PAIRS) -> list[list[float]]:
+    """Each measure's figures, the measures taking turns ``count`` times (after one warm-up)."""
+    for measure in measures:
+        measure()
+    figures: list[list[float]] = [[] for _ in measures]
+    for _ in range(count):
+        for figure, measure in zip(figures, measures):
+            figure.append(measure())
+    return figures
+
+
+def spread(values: list[float], unit: Callable[[float], str]) -> str:
+    return f"min {unit(min(values))}, median {unit(statistics.median(values))}"
+
+
+def ratio(top: list[float], bottom: list[float]) -> str:
+    """Min and median of the per-pair ratios."""
+    ratios = [a / b for a, b in zip(top, bottom)]
+    return f"{min(ratios):.2f}x min, {statistics.median(ratios):.2f}x median"
 
 
 def make_app() -> Any:
@@ -92,12 +125,12 @@ def with_worker(body: Callable[[Any, Any], Any]) -> Any:
 
 
 def worker_retries(app: Any, n: int) -> float:
-    """Wall seconds for one task retrying ``n`` times (countdown 0) on the retry worker."""
+    """CPU seconds for one task retrying ``n`` times (countdown 0) on the retry worker."""
 
     def body(worker: Any, _: Any) -> float:
-        start = real_perf()
+        start = cpu()
         run = worker.apply(app.tasks["bench.many"], args=(n,))
-        elapsed = real_perf() - start
+        elapsed = cpu() - start
         if run.retries != n or run.result != n:
             raise RuntimeError(f"benchmark task misbehaved: {run!r}")
         return elapsed
@@ -105,23 +138,39 @@ def worker_retries(app: Any, n: int) -> float:
     return with_worker(body)  # type: ignore[no-any-return]
 
 
+def worker_retries_afresh(app: Any, n: int) -> float:
+    """``worker_retries`` with billiard and ``traceback`` doing all their work on every retry."""
+    from pytest_celery_retry import einfo
+
+    remembered = list(einfo._REMEMBERED)
+    einfo._REMEMBERED.clear()
+    try:
+        return worker_retries(app, n)
+    finally:
+        einfo._REMEMBERED[:] = remembered
+
+
 def eager_retries(app: Any, n: int) -> float:
-    """Wall seconds for Celery's own eager ``Task.apply()`` of the same task (it recurses)."""
-    start = real_perf()
+    """CPU seconds for Celery's own eager ``Task.apply()`` of the same task (it recurses)."""
+    start = cpu()
     result = app.tasks["bench.many"].apply(args=(n,))
-    elapsed = real_perf() - start
+    elapsed = cpu() - start
     if result.result != n:
         raise RuntimeError(f"benchmark task misbehaved: {result.result!r}")
     return elapsed
 
 
+def per_attempt_of(retries: Callable[[Any, int], float], app: Any, n: int) -> float:
+    return retries(app, n) / (n + 1)
+
+
 def eager_once(app: Any, calls: int) -> float:
-    """Wall seconds per ``Task.apply()`` of a task that succeeds at once."""
+    """CPU seconds per ``Task.apply()`` of a task that succeeds at once."""
     task = app.tasks["bench.once"]
-    start = real_perf()
+    start = cpu()
     for _ in range(calls):
         task.apply()
-    return (real_perf() - start) / calls
+    return (cpu() - start) / calls
 
 
 def peak_memory(app: Any, n: int) -> int:
@@ -141,6 +190,188 @@ def hourly_backoff(app: Any) -> tuple[float, float, list[float]]:
         return real_perf() - start, session.clock.elapsed, run.countdowns
 
     return with_worker(body)  # type: ignore[no-any-return]
+
+
+def memory_by_part(app: Any, n: int) -> tuple[float, list[tuple[str, float]]]:
+    """Bytes per retry that the records keep alive: in all, and what each part costs.
+
+    A part's cost is what tracemalloc finds freed when that part alone is dropped from the
+    records, so shared objects count for the last part that holds them.
+    """
+
+    def body(worker: Any, session: Any) -> tuple[float, list[tuple[str, float]]]:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            run = worker.apply(app.tasks["bench.many"], args=(n,))
+            broker = next(iter(session.installations.values())).broker
+
+            def held() -> float:
+                gc.collect()
+                return (tracemalloc.get_traced_memory()[0] - before) / n
+
+            total = held()
+            parts: list[tuple[str, Callable[[], None]]] = [
+                (
+                    "Attempt.exc and .raised (the Retry, its signature)",
+                    lambda: _drop_exceptions(run),
+                ),
+                ("broker: delivered messages", broker._deliveries.clear),
+                ("broker: publishes", broker.publishes.clear),
+                ("broker: operations", broker.operations.clear),
+                ("worker: message events", worker.events.clear),
+                ("the Attempt records themselves", run.attempts.clear),
+            ]
+            costs = []
+            last = total
+            for label, drop in parts:
+                drop()
+                now = held()
+                costs.append((label, last - now))
+                last = now
+            costs.append(("anything else", last))
+            return total, costs
+        finally:
+            tracemalloc.stop()
+
+    return with_worker(body)  # type: ignore[no-any-return]
+
+
+def _drop_exceptions(run: Any) -> None:
+    for attempt in run.attempts:
+        attempt.exc = attempt.raised = None
+
+
+def clock_start_stop(count: int = 20) -> tuple[float, float]:
+    """CPU seconds per start and stop: the virtual clock's, and a bare ``freeze_time``'s."""
+    from freezegun import freeze_time
+
+    from pytest_celery_retry.clock import VirtualClock
+
+    def ours() -> float:
+        start = cpu()
+        for _ in range(count):
+            with VirtualClock():
+                pass
+        return (cpu() - start) / count
+
+    def freezegun_own() -> float:
+        start = cpu()
+        for _ in range(count):
+            with freeze_time("2026-01-01", ignore=["_pytest."]):
+                pass
+        return (cpu() - start) / count
+
+    first, second = pairs(ours, freezegun_own)
+    return statistics.median(first), statistics.median(second)
+
+
+PER_TEST_CONFTEST = """
+import json
+import time
+from unittest import mock
+
+import pytest
+from celery import Celery, signals
+from celery.exceptions import Retry
+
+app = Celery("per-test", broker="memory://", set_as_current=False)
+
+
+@app.task(name="seed", bind=True, max_retries=3)
+def seed(self):
+    try:
+        raise RuntimeError("boom")
+    except Exception:
+        self.retry(countdown=3 ** self.request.retries)
+
+
+COUNTDOWNS = []
+
+
+@signals.task_retry.connect(weak=False)
+def on_retry(request=None, reason=None, **kwargs):
+    COUNTDOWNS.append(reason.when)
+
+
+@pytest.fixture
+def celery_retry_app():
+    return app
+
+
+CPU = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.process_time()
+    try:
+        return (yield)
+    finally:
+        CPU.setdefault(item.name.split("_")[1], []).append(time.process_time() - start)
+
+
+def pytest_sessionfinish(session):
+    with open("per_test.json", "w") as handle:
+        json.dump(CPU, handle)
+"""
+
+PER_TEST_KINDS = {
+    "plugin": """
+def test_plugin_{i}(retry_worker):
+    run = retry_worker.apply(seed)
+    assert run.countdowns == [1, 3, 9]
+""",
+    "eager": """
+def test_eager_{i}():
+    COUNTDOWNS.clear()
+    assert seed.apply().failed()
+    assert COUNTDOWNS == [1, 3, 9]
+""",
+    "mock": """
+def test_mock_{i}():
+    with mock.patch.object(seed, "retry", side_effect=Retry()) as retry:
+        seed.apply()
+    retry.assert_called_once_with(countdown=1)
+""",
+    "empty": """
+def test_empty_{i}():
+    pass
+""",
+    "unused": """
+def test_unused_{i}(retry_worker):
+    pass
+""",
+}
+
+
+def per_test(directory: str) -> dict[str, list[float]]:
+    """CPU seconds per test (set-up, call, teardown), the kinds interleaved in one pytest run."""
+    folder = os.path.join(directory, "per_test")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "conftest.py"), "w") as handle:
+        handle.write(PER_TEST_CONFTEST)
+    with open(os.path.join(folder, "test_kinds.py"), "w") as handle:
+        handle.write("from conftest import COUNTDOWNS, Retry, mock, seed\n")
+        for i in range(PER_TEST_ROUNDS):
+            for template in PER_TEST_KINDS.values():
+                handle.write(template.format(i=i))
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"],
+        cwd=folder,
+        capture_output=True,
+        check=True,
+    )
+    with open(os.path.join(folder, "per_test.json")) as handle:
+        figures: dict[str, list[float]] = json.load(handle)
+    # The first rounds import and warm up what the later ones reuse.
+    return {kind: values[3:] for kind, values in figures.items()}
+
+
+def over_round(tests: dict[str, list[float]], kind: str) -> list[float]:
+    """Each round's test of ``kind`` minus the same round's empty test."""
+    return [cost - empty for cost, empty in zip(tests[kind], tests["empty"])]
 
 
 def _owner_of(filename: str) -> str | None:
@@ -304,20 +535,29 @@ def main() -> None:
     )
     app = make_app()
 
-    # (a) cost per attempt: the retry worker against Celery's eager Task.apply()
-    eager_n, worker_n = 100, 200
-    eager_retries(app, eager_n)  # warm-up: imports, tracer, result backend
-    eager_once(app, 50)
-    worker_retries(app, 20)
-    once = min(eager_once(app, 500) for _ in range(BEST_OF))
-    eager = min(eager_retries(app, eager_n) for _ in range(BEST_OF)) / (eager_n + 1)
-    worker = min(worker_retries(app, worker_n) for _ in range(BEST_OF)) / (worker_n + 1)
+    load_before = os.getloadavg()
 
-    # (b) 10,000 retries against 1,000: wall time and peak memory
-    wall_1k = worker_retries(app, 1_000)
-    wall_10k = worker_retries(app, 10_000)
+    # (a) cost per attempt: the retry worker against Celery's eager Task.apply(), in pairs
+    eager_once(app, 50)  # warm-up: imports, tracer, result backend
+    per_attempt = {
+        n: pairs(
+            functools.partial(per_attempt_of, worker_retries, app, n),
+            functools.partial(per_attempt_of, eager_retries, app, n),
+        )
+        for n in (3, 10, 100)
+    }
+    (once,) = pairs(lambda: eager_once(app, 200))
+    remembered, afresh = pairs(
+        functools.partial(per_attempt_of, worker_retries, app, 10),
+        functools.partial(per_attempt_of, worker_retries_afresh, app, 10),
+    )
+
+    # (b) 10,000 retries against 1,000: CPU time and peak memory; what the records keep
+    cpu_1k = worker_retries(app, 1_000)
+    cpu_10k = worker_retries(app, 10_000)
     peak_1k = peak_memory(app, 1_000)
     peak_10k = peak_memory(app, 10_000)
+    kept, kept_by_part = memory_by_part(app, 1_000)
 
     # (c) a backoff schedule of more than an hour
     hourly_wall, virtual, countdowns = hourly_backoff(app)
@@ -326,35 +566,56 @@ def main() -> None:
     profile_n = 1_000
     charged, heaviest = profile_retries(app, profile_n)
 
+    # (f) per test: the plugin, eager mode, eager + mock, an empty test, an unused fixture
+    # (g) the virtual clock's start and stop
+    clock_ours, clock_freezegun = clock_start_stop()
+
     # (e) pytest start-up with the plugin installed but unused
     with tempfile.TemporaryDirectory() as directory:
+        tests = per_test(directory)
         startup = {
             bytecode: (pytest_startup(directory, bytecode), plugin_import_time(directory, bytecode))
             for bytecode in (True, False)
         }
         loaded = modules_loaded_at_startup(directory)
 
-    print(f"\n(a) cost per attempt (best of {BEST_OF})")
-    print(
-        table(
-            [
-                ("Task.apply() of a task that succeeds at once", f"{ms(once)} per call"),
-                (f"Task.apply(), {eager_n} retries (eager, recursive)", f"{ms(eager)}/attempt"),
-                (f"retry_worker, {worker_n} retries (countdown=0)", f"{ms(worker)}/attempt"),
-                ("retry_worker / eager retrying attempt", f"{worker / eager:.2f}x"),
-                ("retry_worker / one Task.apply()", f"{worker / once:.2f}x"),
-            ]
-        )
-    )
+    print(f"\n(a) CPU per attempt, retry worker vs eager retrying Task.apply() ({PAIRS} pairs)")
+    rows = [("Task.apply() of a task that succeeds at once", spread(once, ms))]
+    for n, (worker, eager) in per_attempt.items():
+        rows += [
+            (f"N={n}: retry_worker, per attempt", spread(worker, ms)),
+            (f"N={n}: eager Task.apply(), per attempt", spread(eager, ms)),
+            (f"N={n}: retry_worker / eager (target <= 1.0x)", ratio(worker, eager)),
+        ]
+    # What one more retry costs, without what every apply() costs once (the first publish,
+    # the consumer, the result); pair i of N=3 and pair i of N=10 ran close together.
+    extra = [
+        [
+            (later * 11 - earlier * 4) / 7
+            for earlier, later in zip(per_attempt[3][k], per_attempt[10][k])
+        ]
+        for k in (0, 1)
+    ]
+    rows += [
+        ("one more retry (N=3 -> 10): retry_worker", spread(extra[0], ms)),
+        ("one more retry (N=3 -> 10): eager", spread(extra[1], ms)),
+        ("one more retry: retry_worker / eager", ratio(extra[0], extra[1])),
+    ]
+    rows += [
+        ("N=10: tracebacks made afresh (einfo.py off)", spread(afresh, ms)),
+        ("N=10: remembered / afresh", ratio(remembered, afresh)),
+    ]
+    print(table(rows))
     print("\n(b) many retries on the retry worker (one run each)")
+    eager_100 = statistics.median(per_attempt[100][1])
     print(
         table(
             [
-                ("1,000 retries", f"{wall_1k:.2f} s wall, {ms(wall_1k / 1_001)}/attempt"),
-                ("10,000 retries", f"{wall_10k:.2f} s wall, {ms(wall_10k / 10_001)}/attempt"),
+                ("1,000 retries", f"{cpu_1k:.2f} s CPU, {ms(cpu_1k / 1_001)}/attempt"),
+                ("10,000 retries", f"{cpu_10k:.2f} s CPU, {ms(cpu_10k / 10_001)}/attempt"),
                 (
                     "Celery's own floor: 10,000 eager retrying attempts",
-                    f"{eager * 10_000:.2f} s (no plugin, no broker; extrapolated from (a))",
+                    f"{eager_100 * 10_000:.2f} s (no plugin, no broker; extrapolated from (a))",
                 ),
                 ("peak memory, 1,000 retries", f"{peak_1k / 2**20:.2f} MiB (tracemalloc)"),
                 ("peak memory, 10,000 retries", f"{peak_10k / 2**20:.2f} MiB (tracemalloc)"),
@@ -363,7 +624,9 @@ def main() -> None:
                     f"{peak_10k / peak_1k:.2f}x, "
                     f"{(peak_10k - peak_1k) / 9_000:.0f} bytes per extra retry",
                 ),
+                ("kept alive by the records, 1,000 retries", f"{kept:.0f} bytes per retry"),
             ]
+            + [(f"  of which {label}", f"{cost:.0f} bytes") for label, cost in kept_by_part]
         )
     )
     print("\n(c) backoff schedule (retry_backoff=True, retry_backoff_max=3600, 12 retries)")
@@ -388,6 +651,49 @@ def main() -> None:
             + [(f"heaviest: {name}", f"{ms(seconds)}/attempt") for name, seconds in heaviest]
         )
     )
+    empty = statistics.median(tests["empty"])
+
+    def over_empty(kind: str) -> float:
+        return statistics.median(tests[kind]) - empty
+
+    print(
+        f"\n(f) CPU per test (set-up + call + teardown), {len(tests['empty'])} of each kind "
+        "interleaved in one pytest run"
+    )
+    labels = {
+        "plugin": "retry_worker.apply(seed), asserts countdowns [1, 3, 9]",
+        "eager": "seed.apply() eager (recursive retries), asserts them by signal",
+        "mock": "eager + mock.patch.object(seed, 'retry')",
+        "unused": "requests retry_worker, uses nothing",
+        "empty": "empty test",
+    }
+    print(
+        table(
+            [(label, spread(tests[kind], ms)) for kind, label in labels.items()]
+            + [
+                (
+                    "plugin / eager, over an empty test (target <= 1.5x)",
+                    f"{over_empty('plugin') / over_empty('eager'):.2f}x (medians); round by "
+                    + ratio(*(over_round(tests, kind) for kind in ("plugin", "eager"))),
+                ),
+                (
+                    "unused fixture, over an empty test (target <= 2 ms)",
+                    f"{ms(over_empty('unused'))} (medians); round by round: "
+                    + spread(over_round(tests, "unused"), ms),
+                ),
+            ]
+        )
+    )
+    print(f"\n(g) CPU per start + stop of a clock ({PAIRS} pairs of 20, medians)")
+    print(
+        table(
+            [
+                ("VirtualClock (freezegun + sleeps + local offset)", ms(clock_ours)),
+                ("freezegun's own freeze_time, for comparison", ms(clock_freezegun)),
+            ]
+        )
+    )
+
     print(f"\n(e) pytest --collect-only, empty directory ({STARTUP_RUNS} runs each, alternating)")
     rows = []
     for bytecode, ((unused, disabled), import_time) in startup.items():
@@ -405,6 +711,11 @@ def main() -> None:
         ]
     rows.append(("modules loaded at start-up", loaded or "none of celery, kombu, freezegun"))
     print(table(rows))
+    load_after = os.getloadavg()
+    print(
+        f"\nload average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_before)} before, "
+        f"{', '.join(f'{x:.2f}' for x in load_after)} after"
+    )
 
 
 if __name__ == "__main__":

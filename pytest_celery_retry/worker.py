@@ -33,6 +33,7 @@ from kombu.utils.uuid import uuid
 from .app_state import check_retry_policy
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
+from .einfo import remembered_tracebacks
 from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
 from .records import (
     Attempt,
@@ -333,7 +334,8 @@ class RetryWorker:
         reports = self._reports = _Reports(run.task_id)
         revoked: TaskRevokedError | None = None
         try:
-            request.execute_using_pool(self._pool)
+            with remembered_tracebacks():
+                request.execute_using_pool(self._pool)
         except TaskRevokedError as exc:
             revoked = exc
         finally:

@@ -1,0 +1,277 @@
+"""What the speed work (issue #15) must not change, and what makes it fast.
+
+Speed itself is measured by benchmarks/bench.py, not here: these tests pin behaviour.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import freezegun.api
+import pytest
+
+from pytest_celery_retry.clock import VirtualClock
+
+
+# -- the clock: freezegun's start() without listing every module again ------------------------
+@pytest.fixture
+def module_listings(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The modules whose attributes freezegun lists (with ``dir()``) while a clock starts."""
+    listed: list[str] = []
+    real = freezegun.api._get_module_attributes_hash
+
+    def spy(module: types.ModuleType) -> str:
+        listed.append(module.__name__)
+        return real(module)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(freezegun.api, "_get_module_attributes_hash", spy)
+    yield listed
+
+
+def test_a_clock_lists_only_the_modules_imported_since_the_last(
+    module_listings: list[str],
+) -> None:
+    import celery.worker.request  # noqa: F401  (what a retry test has loaded)
+
+    # The first start imports what freezegun's listing touches (a package's lazy submodules).
+    for _ in range(2):
+        with VirtualClock():
+            pass
+    module_listings.clear()
+    with VirtualClock():
+        pass
+    # Before: every loaded module, over 500 of them with Celery, on every start. Still asked:
+    # what stands in sys.modules without being a module (typing.io is a class).
+    assert [
+        name for name in module_listings if isinstance(sys.modules[name], types.ModuleType)
+    ] == []
+
+
+@pytest.fixture
+def fresh_module() -> Iterator[types.ModuleType]:
+    module = types.ModuleType("speed_fresh_module")
+    sys.modules[module.__name__] = module
+    try:
+        yield module
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_a_module_that_gains_a_time_function_is_patched(fresh_module: types.ModuleType) -> None:
+    with VirtualClock():
+        pass
+    fresh_module.time = time.time  # type: ignore[attr-defined]  # as a later "from time import time"
+    with VirtualClock():
+        assert fresh_module.time is freezegun.api.fake_time
+    assert fresh_module.time is time.time
+
+
+def test_a_module_whose_names_change_at_the_same_count_is_listed_again(
+    fresh_module: types.ModuleType,
+) -> None:
+    fresh_module.clock = None  # type: ignore[attr-defined]
+    with VirtualClock():
+        pass
+    del fresh_module.clock  # type: ignore[attr-defined]
+    fresh_module.now = time.time  # type: ignore[attr-defined]
+    with VirtualClock():
+        assert fresh_module.now is freezegun.api.fake_time
+    assert fresh_module.now is time.time
+
+
+def test_a_module_imported_while_the_clock_runs_gets_the_real_sleep_back(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "speed_sleeper.py").write_text("from time import sleep\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real_sleep = time.sleep
+    try:
+        with VirtualClock():
+            import speed_sleeper  # type: ignore[import-not-found]
+
+            assert speed_sleeper.sleep is not real_sleep
+        assert speed_sleeper.sleep is real_sleep
+    finally:
+        sys.modules.pop("speed_sleeper", None)
+
+
+def test_a_freeze_time_of_the_test_keeps_freezegun_s_own_cache(module_listings: list[str]) -> None:
+    with VirtualClock():
+        pass
+    with freezegun.freeze_time("2030-01-01"):
+        pass
+    assert len(module_listings) > 100
+
+
+# -- what a test reads directly: pinned, as docs/worker.md says -------------------------------
+def test_time_read_in_the_test_itself_is_real_and_datetime_is_virtual(retry_worker: Any) -> None:
+    retry_worker.clock.advance(3600)
+    # freezegun answers with real time any call made within five frames of pytest's own code,
+    # so time.time() right in a test (or a fixture) is real; datetime.now() is not.
+    assert abs(time.time() - freezegun.api.real_time()) < 60
+    assert datetime.now(timezone.utc) == retry_worker.clock.now()
+    assert abs(retry_worker.clock.now().timestamp() - freezegun.api.real_time() - 3600) < 60
+
+
+# -- tracebacks: remembered per code object, the same as made afresh ---------------------------
+def _app_that_fails() -> Any:
+    from celery import Celery
+
+    app = Celery("speed-einfo", broker="memory://", set_as_current=False)
+
+    def deeper(depth: int) -> None:
+        # The same code object several times in one traceback.
+        if depth:
+            deeper(depth - 1)
+        raise KeyError(f"missing at depth {depth}")
+
+    @app.task(name="speed.retries", bind=True, max_retries=2, shared=False)
+    def retries(self: Any) -> None:
+        try:
+            deeper(3)
+        except KeyError as exc:
+            raise self.retry(exc=exc, countdown=1) from exc
+
+    @app.task(name="speed.fails", shared=False)
+    def fails() -> None:
+        try:
+            {}["key"]
+        except KeyError as exc:
+            raise ValueError("chained") from exc
+
+    return app
+
+
+def _frames(tb: Any) -> list[dict[str, Any]]:
+    """Everything billiard's traceback copy holds, frame by frame."""
+    frames = []
+    while tb is not None:
+        frame = tb.tb_frame
+        frames.append(
+            {
+                "tb": {k: v for k, v in vars(tb).items() if k not in ("tb_frame", "tb_next")},
+                "frame": {k: v for k, v in vars(frame).items() if k != "f_code"},
+                "code": dict(vars(frame.f_code)),
+                "positions": list(getattr(frame.f_code, "co_positions", tuple)()),
+            }
+        )
+        tb = tb.tb_next
+    return frames
+
+
+def _observe(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    """Run both tasks on the retry worker; what signal handlers, the backend and logs see."""
+    import logging
+    import pickle
+    import traceback
+
+    from celery import signals
+
+    from pytest_celery_retry.session import RetrySession
+    from pytest_celery_retry.worker import RetryWorker
+
+    app = _app_that_fails()
+    seen: dict[str, Any] = {"signals": [], "einfo": []}
+
+    def on_signal(signal: Any = None, sender: Any = None, **kwargs: Any) -> None:
+        einfo = kwargs.pop("einfo")
+        seen["signals"].append((signal.name, sorted(kwargs), str(kwargs.get("exception", ""))))
+        reloaded = pickle.loads(pickle.dumps(einfo))
+        seen["einfo"].append(
+            {
+                "traceback": einfo.traceback,
+                "repr": repr(einfo),
+                "format_tb": traceback.format_tb(einfo.tb),
+                "frames": _frames(einfo.tb),
+                "pickled frames": _frames(reloaded.tb),
+                "pickled traceback": reloaded.traceback,
+                "pickled exception": repr(reloaded.exception),
+            }
+        )
+
+    for signal in (signals.task_retry, signals.task_failure):
+        signal.connect(on_signal, weak=False, dispatch_uid="speed-einfo")
+    session = RetrySession().start()
+    try:
+        session.installation(app)
+        worker = RetryWorker(session)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="celery"):
+            runs = [worker.apply(app.tasks[name]) for name in ("speed.retries", "speed.fails")]
+        seen["backend"] = [app.backend.get_task_meta(run.task_id)["traceback"] for run in runs]
+        seen["logs"] = [
+            (record.levelname, record.getMessage().replace(run.task_id, "<id>"))
+            for record in caplog.records
+            for run in runs
+            if run.task_id in record.getMessage()
+        ]
+        seen["logged tracebacks"] = [
+            logging.Formatter().formatException(record.exc_info)
+            for record in caplog.records
+            if record.exc_info
+        ]
+        seen["records"] = [
+            [(a.outcome, repr(a.exc), a.countdown) for a in run.attempts] for run in runs
+        ]
+        worker.close()
+    finally:
+        session.close()
+        for signal in (signals.task_retry, signals.task_failure):
+            signal.disconnect(on_signal, dispatch_uid="speed-einfo")
+    return seen
+
+
+def test_tracebacks_are_the_same_remembered_or_made_afresh(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_celery_retry import einfo
+
+    remembered = _observe(caplog)
+    with monkeypatch.context() as afresh:
+        afresh.setattr(einfo, "_REMEMBERED", [])
+        made_afresh = _observe(caplog)
+    assert remembered == made_afresh
+    assert len(remembered["einfo"]) == 4  # two retries and a failure, and a failure
+    assert all(traceback for traceback in remembered["backend"])
+    assert remembered["logged tracebacks"]
+
+
+def test_tracebacks_are_remembered_only_while_the_worker_executes(
+    retry_worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import traceback
+
+    from billiard import einfo
+
+    app = _app_that_fails()
+    names = ("_get_code_position", "_extract_caret_anchors_from_line_segment")
+    originals = [getattr(traceback, name, None) for name in names]
+    retry_worker.apply(app.tasks["speed.retries"])
+    assert [getattr(traceback, name, None) for name in names] == originals
+    assert einfo._Frame.Code is einfo._Code
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="billiard copies positions on 3.11+")
+def test_each_code_object_is_copied_once_not_once_per_retry(
+    retry_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billiard import einfo
+
+    app = _app_that_fails()
+    app.tasks["speed.retries"].max_retries = 20
+    copied: list[Any] = []
+    real_init = einfo._Code.__init__
+
+    def counting_init(self: Any, code: Any) -> None:
+        copied.append(code)
+        real_init(self, code)
+
+    monkeypatch.setattr(einfo._Code, "__init__", counting_init)
+    retry_worker.apply(app.tasks["speed.retries"])
+    # Before: every frame of every retry's traceback, about 20 for each of the 20 retries.
+    assert len(copied) == len({id(code) for code in copied})
