@@ -29,6 +29,8 @@ from typing import Any
 
 from billiard import einfo
 
+__all__ = ["remembered_tracebacks"]
+
 _Remembered = dict[int, tuple["weakref.ref[Any]", Any]]
 _billiard_copies: _Remembered = {}
 _positions: _Remembered = {}
