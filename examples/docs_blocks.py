@@ -68,7 +68,9 @@ class DocsBlock(pytest.Module):
         self.block = block
 
     def _getobj(self) -> types.ModuleType:
-        # Padded so that tracebacks and test locations give the page's own line numbers.
+        # pytest's Module imports its file; a block has none of its own, so the module is made
+        # here, with pytest's assertion rewriting as a test file gets it. The source is padded
+        # so that tracebacks and test locations give the page's own line numbers.
         source = "\n" * self.block.line + str(self.block.parsed)
         name = f"docs_{self.path.stem.replace('-', '_')}_line{self.block.line}"
         module = types.ModuleType(name)
