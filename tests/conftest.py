@@ -73,6 +73,17 @@ def actions(worker: Any, task_id: str | None = None) -> list[str]:
     return [e.action for e in worker.events if task_id is None or e.task_id in ("", task_id)]
 
 
+@pytest.fixture(autouse=True)
+def _inner_runs_without_hypothesis(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inner pytest runs (``pytester``, in a subprocess) start without Hypothesis's plugin:
+    importing it is about 0.6 s of every start-up, and no inner test uses it."""
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS: set it afterwards
+        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest")
+
+
 @pytest.fixture
 def app() -> Any:
     return make_app()

@@ -1,8 +1,10 @@
 import pytest
-from proj.tasks import rates_api
+from proj.tasks import rates_api as exchange_rate_api
 
 
 @pytest.fixture(autouse=True)
-def _reset_rates_api():
-    """The fake HTTP client counts calls: every test starts with a fresh count."""
-    rates_api.calls = 0
+def rates_api():
+    """The fake exchange-rate API, fresh for every test: its first 2 calls get a 503."""
+    exchange_rate_api.failures = 2
+    exchange_rate_api.calls = 0
+    return exchange_rate_api

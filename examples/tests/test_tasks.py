@@ -13,7 +13,6 @@ from proj.tasks import (
     fetch_rate,
     foo_task,
     place_order,
-    rates_api,
     refresh_cache,
     send_receipt,
     sync_inventory,
@@ -52,7 +51,7 @@ def test_jittered_backoff_stays_under_the_caps(retry_worker):
     assert_backoff(run, jitter=[2, 4, 8, 16])
 
 
-def test_unreliable_api_succeeds_on_the_third_call(retry_worker):
+def test_unreliable_api_succeeds_on_the_third_call(retry_worker, rates_api):
     run = retry_worker.apply(fetch_rate, args=("EUR",))
 
     assert run.result == 0.92
@@ -62,12 +61,10 @@ def test_unreliable_api_succeeds_on_the_third_call(retry_worker):
     assert rates_api.calls == 3
 
 
-def test_first_call_succeeds_without_retry(retry_worker):
-    rates_api.failures = 0
-    try:
-        run = retry_worker.apply(fetch_rate, args=("GBP",))
-    finally:
-        rates_api.failures = 2
+def test_first_call_succeeds_without_retry(retry_worker, rates_api):
+    rates_api.failures = 0  # the fixture sets it back for the next test
+
+    run = retry_worker.apply(fetch_rate, args=("GBP",))
 
     assert_not_retried(run)
     assert run.result == 0.79

@@ -1,0 +1,2 @@
+# The Python blocks of docs/django.md (tests/django.md) run as tests here, with these settings.
+pytest_plugins = ["docs_blocks"]
