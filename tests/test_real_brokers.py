@@ -70,6 +70,8 @@ def drain(kind: str, queue: str, delete: bool = True) -> int:
             count += 1
         if delete:
             bound.delete()
+            if kind == "redis":
+                conn.default_channel.client.delete(*own_unacked_keys(queue).values())
         return count
 
 
@@ -273,6 +275,14 @@ def test_amqp_task_running_when_the_connection_drops_runs_again(
 # Measured by hand with kombu 5.6: the message stayed in Redis's unacked hash past the
 # reconnect; with kombu 5.3 in a fresh process the registration sweep restored it.
 VISIBILITY = {"visibility_timeout": 6, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+
+
+def own_unacked_keys(queue: str) -> dict[str, str]:
+    """kombu's unacked hash, index and mutex for this test alone: a worker sweeps every message
+    in them, so two tests running at once (pytest-xdist) would restore each other's."""
+    return {f"unacked{part}_key": f"{queue}-unacked{part}" for part in ("", "_index", "_mutex")}
+
+
 # Sweeps run every second from the consumer's registration, whose real time varies.
 SWEEP_SLACK = 1.2
 # Celery 5.7's consumer closes the collected connection after a connection error; the redis
@@ -283,16 +293,17 @@ SWEEP_SLACK = 1.2
 CELERY_CRASHES_ON_HELD_MESSAGES = tuple(int(p) for p in celery.__version__.split(".")[:2]) >= (5, 7)
 
 
-def unacked_in_redis(task_id: str) -> bool:
-    """Whether the real Redis holds ``task_id`` in kombu's ``unacked`` hash; forget it there."""
+def unacked_in_redis(task_id: str, queue: str) -> bool:
+    """Whether the real Redis holds ``task_id`` in the test's unacked hash; forget it there."""
     import redis
 
+    keys = own_unacked_keys(queue)
     client = redis.Redis.from_url(real_url("redis"))
     try:
-        for tag, payload in client.hgetall("unacked").items():
+        for tag, payload in client.hgetall(keys["unacked_key"]).items():
             if task_id.encode() in payload:
-                client.hdel("unacked", tag)
-                client.zrem("unacked_index", tag)
+                client.hdel(keys["unacked_key"], tag)
+                client.zrem(keys["unacked_index_key"], tag)
                 return True
         return False
     finally:
@@ -303,9 +314,9 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     broker_proxy: ProxyFactory, app: Any
 ) -> None:
     proxy = broker_proxy("redis")
-    configure(app, "redis", **VISIBILITY)
-    app.conf.task_acks_late = True
     queue = new_queue()
+    configure(app, "redis", **VISIBILITY, **own_unacked_keys(queue))
+    app.conf.task_acks_late = True
     runs: list[float] = []
     started = [time.monotonic()]
 
@@ -335,8 +346,8 @@ def test_redis_holds_back_an_eta_message_a_lost_connection_held(
     broker_proxy: ProxyFactory, app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = broker_proxy("redis")
-    configure(app, "redis", **VISIBILITY)
     queue = new_queue()
+    configure(app, "redis", **VISIBILITY, **own_unacked_keys(queue))
     runs: list[float] = []
     started = [time.monotonic()]
 
@@ -355,7 +366,7 @@ def test_redis_holds_back_an_eta_message_a_lost_connection_held(
             proxy.outage(1.5)
             wait_until(lambda: len(runs) == 2, 10)
             # Checked while the worker runs: a stopping worker restores what it held.
-            held_back = unacked_in_redis(result.id)
+            held_back = unacked_in_redis(result.id, queue)
     finally:
         drain("redis", queue)
     crashed = "Unrecoverable error: AttributeError" in caplog.text
