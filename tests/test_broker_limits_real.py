@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import real_broker_url
 from kombu.exceptions import OperationalError
-from test_real_brokers import SWEEP_OPTIONS_WORK, drain, start_worker, wait_until
+from test_real_brokers import SWEEP_OPTIONS_WORK, start_worker, wait_until
 
 from pytest_celery_retry.proxy import BrokerProxy
 
@@ -120,18 +120,22 @@ def new_name() -> str:
 # the first copy for its ETA and now receives the restored one, holds it too, and so on: every
 # copy runs at the ETA. 1.5 s between two 1 s sweeps: a copy is restored at the second sweep
 # after its delivery, so copies come 2 s apart and a 5 s countdown runs 3 times.
-VISIBILITY = {"visibility_timeout": 1.5, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+VISIBILITY = {
+    "visibility_timeout": 1.5,
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
+}
 
 
 @real_broker
 @pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks-late"])
 def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(acks_late: bool) -> None:
-    import redis
-
     queue = new_name()
     # Our own unacked keys: a 1.5 s sweep of kombu's shared ones would restore messages that
     # other tests' workers hold on this Redis.
-    keys = {f"unacked{suffix}_key": f"{queue}-unacked{suffix}" for suffix in ("", "_index", "_mutex")}
+    keys = {
+        f"unacked{suffix}_key": f"{queue}-unacked{suffix}" for suffix in ("", "_index", "_mutex")
+    }
     app = real_app(
         "redis", task_acks_late=acks_late, broker_transport_options={**VISIBILITY, **keys}
     )
@@ -142,9 +146,7 @@ def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(acks_lat
             assert wait_until(lambda: len(recorder.runs) >= 4, 10), recorder.runs
             time.sleep(1.0)  # room for another copy to show up
     finally:
-        client = redis.Redis.from_url(real_broker_url("redis"))
-        client.delete(queue, *keys.values())
-        client.close()
+        forget("redis", queue, *keys.values())
     first, *retried = recorder.runs
     assert first.retries == 0
     # One task id, three runs of its retry, all at the ETA: the original and two restored copies.
@@ -207,15 +209,31 @@ def rabbitmq_version() -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".")[:2])
 
 
-def queue_depth_and_delete(name: str, exchange: str | None = None) -> int:
+def forget(kind: str, queue: str, *redis_keys: str) -> int:
+    """Delete ``queue`` and what declaring it left on the real broker (the exchange Celery
+    named after it; kombu's binding keys on Redis); return how many messages it held."""
+    if kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(real_broker_url("redis"))
+        try:
+            depth: int = client.llen(queue)
+            bindings = [key for key in client.scan_iter(f"_kombu.binding*.{queue}")]
+            client.delete(queue, *redis_keys, *bindings)
+        finally:
+            client.close()
+        return depth
+    from amqp.exceptions import NotFound
     from kombu import Connection
 
     with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
         channel = conn.channel()
-        depth: int = channel.queue_declare(name, passive=True).message_count
-        channel.queue_delete(name)
-        if exchange:
-            channel.exchange_delete(exchange)
+        try:
+            depth = channel.queue_declare(queue, passive=True).message_count
+        except NotFound:  # closes the channel
+            depth, channel = 0, conn.channel()
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
     return depth
 
 
@@ -238,7 +256,7 @@ def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptu
                 app.tasks["waits"].apply_async(queue=queue)
                 assert wait_until(lambda: "Unrecoverable error" in caplog.text, 6), caplog.text
         finally:
-            left = queue_depth_and_delete(queue)
+            left = forget("amqp", queue)
     crashed = log_times(caplog, recorder.started, "Unrecoverable error: PreconditionFailed")
     assert "delivery acknowledgement on channel 1 timed out" in caplog.text
     # Closed at the first tick past the timeout: 2 s + up to 1 s.
@@ -261,7 +279,7 @@ def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
                 assert wait_until(lambda: len(recorder.runs) == 2, 9), recorder.runs
                 time.sleep(1.0)  # room for a duplicate
         finally:
-            left = queue_depth_and_delete(queue)
+            left = forget("amqp", queue)
     lost = log_times(caplog, recorder.started, "Connection to broker lost")
     assert "PRECONDITION_FAILED" in caplog.text
     assert lost and 2 <= lost[0] <= 3.6, lost
@@ -289,7 +307,7 @@ def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptur
                 app.tasks["waits"].apply_async(queue=queue)
                 wait_until(lambda: len(recorder.runs) == 2, 5)
         finally:
-            queue_depth_and_delete(queue)
+            forget("amqp", queue)
     assert ("PRECONDITION_FAILED" in caplog.text) is honoured, caplog.text
     if not honoured:
         assert [run.retries for run in recorder.runs] == [0, 1]
@@ -344,11 +362,6 @@ def hang_config(app: Any, **transport_options: Any) -> None:
     )
 
 
-def cleanup(kind: str, queue: str) -> None:
-    with contextlib.suppress(Exception):
-        drain(kind, queue)
-
-
 @real_broker
 def test_redis_publish_into_a_hang_fails_at_socket_timeout(
     broker_proxy: ProxyFactory, app: Any
@@ -367,7 +380,7 @@ def test_redis_publish_into_a_hang_fails_at_socket_timeout(
         reconnects = len(proxy.connection_attempts) - attempts_before
     finally:
         proxy.restore()
-        cleanup("redis", queue)
+        forget("redis", queue)
     # The TCP connect succeeds; the first reply never comes: socket_timeout decides.
     took, error = fresh
     assert isinstance(error, OperationalError) and "Timeout reading from socket" in str(error)
@@ -392,7 +405,7 @@ def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory,
         blocked, after_restore = still_blocked(app, queue, proxy, retry=False)
     finally:
         proxy.restore()
-        cleanup("redis", queue)
+        forget("redis", queue)
     assert blocked
     assert after_restore < 1.5
 
@@ -417,7 +430,7 @@ def test_amqp_publish_into_a_hang(broker_proxy: ProxyFactory, app: Any) -> None:
         blocked, after_restore = still_blocked(app, queue, proxy, retry=False, confirm_timeout=1)
     finally:
         proxy.restore()
-        cleanup("amqp", queue)
+        forget("amqp", queue)
     # A fresh connection: py-amqp's handshake times out at broker_connection_timeout, which
     # also caps kombu's connect retries: one try, whatever the policy.
     took, error = fresh
@@ -461,7 +474,7 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
             assert wait_until(lambda: bool(runs), 10), proxy.timeline()
     finally:
         proxy.restore()
-        cleanup("amqp", queue)
+        forget("amqp", queue)
     lost = log_times(caplog, started, "Too many heartbeats missed")
     # Missed heartbeats are counted on the worker's 1 s heartbeat_check ticks: at 2x-2.5x
     # broker_heartbeat.
@@ -537,7 +550,7 @@ def test_quorum_queue_countdown_goes_through_celery_delayed_queues() -> None:
             assert wait_until(lambda: len(recorder.runs) == 2, 6), recorder.received
             time.sleep(0.5)
     finally:
-        queue_depth_and_delete(queue, exchange=queue)
+        forget("amqp", queue)
         if not shared:
             delete_delayed_delivery()
     # The retry left through celery_delayed_27 with its countdown, truncated to whole seconds,
@@ -574,4 +587,3 @@ def test_native_delayed_delivery_cannot_run_on_kombus_memory_transport() -> None
         assert detect_quorum_queues(app, "amqp") == (True, "q")
         with pytest.raises(NotImplementedError, match="exchange_bind"):
             declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
-
