@@ -17,7 +17,9 @@ Measured with Celery 5.7.0 / kombu 5.7.0 / redis-py 8.1 / Redis 7 / RabbitMQ 3.1
     workers (two worker processes on one queue, countdown=5, visibility_timeout=2):
       retry received at [0.01, 2.98, 4.99], run at [5.0, 5.0, 5.0], by both workers (in an
       earlier run all three by one): a second worker adds no copy
-    tick (consumer_timeout=2000 ms, channel_tick_interval left at its 60000 ms default):
+    tick (consumer_timeout=2000 ms, channel_tick_interval left at its 60000 ms default; the
+    same steps in a scratch script, not rerun here to keep the shared node's timeout low for
+    as short a time as possible):
       "Unrecoverable error: PreconditionFailed" at 59.99 s: the timeout is checked on the
       channel's tick, so a held delivery is closed up to one tick after the timeout
 

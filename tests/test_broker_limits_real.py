@@ -259,8 +259,9 @@ def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptu
             left = forget("amqp", queue)
     crashed = log_times(caplog, recorder.started, "Unrecoverable error: PreconditionFailed")
     assert "delivery acknowledgement on channel 1 timed out" in caplog.text
-    # Closed at the first tick past the timeout: 2 s + up to 1 s.
-    assert len(crashed) == 1 and 2 <= crashed[0] <= 3.6, crashed
+    # Closed at the first tick past the timeout: 2 s + up to 1 s (measured 2.99 s), later on a
+    # loaded machine.
+    assert len(crashed) == 1 and 2 <= crashed[0] <= 4.5, crashed
     assert [run.retries for run in recorder.runs] == [0]
     assert left == 1  # RabbitMQ requeued the retry; nobody consumes it
 
@@ -282,7 +283,7 @@ def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
             left = forget("amqp", queue)
     lost = log_times(caplog, recorder.started, "Connection to broker lost")
     assert "PRECONDITION_FAILED" in caplog.text
-    assert lost and 2 <= lost[0] <= 3.6, lost
+    assert lost and 2 <= lost[0] <= 4.5, lost
     # RabbitMQ redelivers the one message it took back: no duplicate, unlike Redis.
     first, retried = recorder.runs
     assert (first.retries, retried.retries, retried.redelivered) == (0, 1, True)
