@@ -79,7 +79,8 @@ def redis_app(queue: str, log_key: str, role: str, countdown: float) -> Any:
         client.rpush(log_key, json.dumps([what, time.time(), role, retries]))
 
     def on_received(request: Any, **_: Any) -> None:
-        log("received", request.request_dict.get("retries", 0))
+        if request.task.app is app:  # the signal is global: other apps' workers send it too
+            log("received", request.request_dict.get("retries", 0))
 
     task_received.connect(on_received, weak=False)
 
