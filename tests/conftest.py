@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -115,3 +118,35 @@ def real_broker_url(kind: str) -> str:
             f"set {flavor.url_variable}={flavor.example_url} to run against a real {kind} broker"
         )
     return url
+
+
+# Some real-broker tests lower a setting of the whole RabbitMQ node (consumer_timeout) for a
+# few seconds. They take this lock exclusively and every other real-broker test shares it, so
+# no other test holds a delivery while the node's limit is low, across xdist workers too.
+RABBITMQ_NODE_LOCK = "/tmp/pytest-celery-retry-rabbitmq-node.lock"
+
+
+@contextlib.contextmanager
+def rabbitmq_node_lock(exclusive: bool) -> Iterator[None]:
+    with open(RABBITMQ_NODE_LOCK, "a") as lock:  # closing it releases the lock
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "rabbitmq_node_settings: changes the RabbitMQ node's settings (takes the "
+        "node lock exclusively)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _share_the_rabbitmq_node(request: pytest.FixtureRequest) -> Iterator[None]:
+    node = request.node
+    real = node.get_closest_marker("real_broker") or "broker_proxy" in request.fixturenames
+    if not real or node.get_closest_marker("rabbitmq_node_settings"):
+        yield
+        return
+    with rabbitmq_node_lock(exclusive=False):
+        yield

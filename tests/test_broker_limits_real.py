@@ -10,7 +10,6 @@ Skipped without CELERY_RETRY_REDIS_URL / CELERY_RETRY_AMQP_URL (a failure in CI)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import shutil
 import subprocess
 import threading
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import real_broker_url
+from conftest import rabbitmq_node_lock, real_broker_url
 from kombu.exceptions import OperationalError
 from test_real_brokers import SWEEP_OPTIONS_WORK, start_worker, wait_until
 
@@ -168,8 +167,6 @@ if not SWEEP_OPTIONS_WORK:  # kombu < 5.7 sweeps every 100 s: see benchmarks/bro
 # -- 2. RabbitMQ: a countdown longer than consumer_timeout (celery#6760) --------------------
 CONSUMER_TIMEOUT_MS = 2000  # above the 1 s a task of the other real-broker tests holds
 TICK_MS = 1000  # the channel checks consumer_timeout on its tick: 60 s by default
-# Tests that lower a node-wide setting take turns, also across xdist workers and sessions.
-NODE_LOCK = "/tmp/pytest-celery-retry-rabbitmq-node.lock"
 
 
 def rabbitmqctl(expression: str) -> str:
@@ -185,8 +182,8 @@ def rabbitmqctl(expression: str) -> str:
 @contextlib.contextmanager
 def rabbit_node_settings(**settings: int) -> Iterator[None]:
     """Set the running node's ``rabbit`` application settings, and restore them on every path."""
-    with open(NODE_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # Exclusively: every other real-broker test waits (tests/conftest.py).
+    with rabbitmq_node_lock(exclusive=True):
         before = {name: rabbitmqctl(f"application:get_env(rabbit, {name}).") for name in settings}
         try:
             for name, value in settings.items():
@@ -244,6 +241,7 @@ def log_times(caplog: pytest.LogCaptureFixture, started: float, text: str) -> li
 
 
 @real_broker
+@pytest.mark.rabbitmq_node_settings
 def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptureFixture) -> None:
     # Celery's default: PRECONDITION_FAILED is a channel error, not a connection error, so the
     # consumer does not restart: the worker stops and the retry waits in the queue.
@@ -267,6 +265,7 @@ def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptu
 
 
 @real_broker
+@pytest.mark.rabbitmq_node_settings
 def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -293,6 +292,7 @@ def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
 
 
 @real_broker
+@pytest.mark.rabbitmq_node_settings
 def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptureFixture) -> None:
     from kombu import Queue
 
