@@ -1,2 +1,3 @@
-# The Django project has its own settings and pytest.ini: run it with `pytest examples/django_shop`.
-collect_ignore = ["django_shop"]
+# The Django project and the eager suite have their own settings and pytest.ini: run them with
+# `pytest examples/django_shop` and `pytest examples/eager_suite`.
+collect_ignore = ["django_shop", "eager_suite"]

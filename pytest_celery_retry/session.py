@@ -31,6 +31,8 @@ class Settings:
     max_attempts: int = 1000
     serialize: bool = True
     result_backend: str | None = MEMORY_RESULT_BACKEND
+    # Task.apply (what task_always_eager runs) goes to the retry worker (eager.py).
+    eager: bool = False
 
 
 @dataclass
