@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import traceback
+from collections import Counter
 from typing import Any, cast
 
 import pytest
@@ -144,11 +145,14 @@ class EagerSwitch:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
         if self._pending:
-            report.user_properties.append((REPORT_KEY, self._pending))
+            # The item's list, which every phase's report shares: the teardown's has them all.
+            item.user_properties.append((REPORT_KEY, self._pending))
             self._pending = []
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown":
+            return
         for key, findings in report.user_properties:
             if key == REPORT_KEY:
                 self._reported.setdefault(report.nodeid, []).extend(cast(list[str], findings))
@@ -159,8 +163,9 @@ class EagerSwitch:
         terminalreporter.section("celery-retry: what eager mode would have hidden")
         for nodeid, findings in self._reported.items():
             terminalreporter.write_line(nodeid)
-            for finding in dict.fromkeys(findings):
-                terminalreporter.write_line(f"  {finding}")
+            # A test that calls a task in a loop gets one line per finding, with its count.
+            for finding, count in Counter(findings).items():
+                terminalreporter.write_line(f"  {finding}" + (f" [x{count}]" if count > 1 else ""))
 
     def pytest_unconfigure(self) -> None:
         self.uninstall()

@@ -250,3 +250,29 @@ def test_report_under_xdist(project: pytest.Pytester) -> None:
     result = project.runpytest("-p", "no:randomly", "-n", "2", "--celery-retry-eager")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"*{SECTION}*", "  ep.flaky: retried 2 times*"])
+
+
+def test_report_counts_repeated_findings_once_per_call(project: pytest.Pytester) -> None:
+    project.makepyfile(
+        """
+        from ep import flaky
+
+        def test_once():
+            flaky.delay(1)
+
+        def test_twice():
+            flaky.delay(1)
+            flaky.delay(1)
+        """
+    )
+    result = project.runpytest("-p", "no:randomly", "--celery-retry-eager")
+    result.assert_outcomes(passed=2)
+    finding = "  ep.flaky: retried 1 time with countdowns 1 s (eager mode ignores countdowns; "
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_once",
+            finding + "recursion depth 1)",
+            "*::test_twice",
+            finding + "recursion depth 1) [[]x2[]]",
+        ]
+    )
