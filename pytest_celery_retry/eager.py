@@ -11,6 +11,7 @@ summary. Loaded only when the switch is on: it imports Celery.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import traceback
 from collections import Counter
@@ -46,6 +47,8 @@ class EagerSwitch:
     def install(self) -> None:
         switch = self
 
+        # Celery's name, signature and docstring: a test may autospec-mock Task.apply.
+        @functools.wraps(self._original_apply)
         def apply(task: Any, *args: Any, **kwargs: Any) -> Any:
             if _active:
                 # Inside a task the worker runs (its session is active), or in a test with
