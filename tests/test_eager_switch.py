@@ -276,3 +276,36 @@ def test_report_counts_repeated_findings_once_per_call(project: pytest.Pytester)
             finding + "recursion depth 1) [[]x2[]]",
         ]
     )
+
+
+def test_the_test_sees_what_a_worker_does_and_the_report_says_so(
+    project: pytest.Pytester,
+) -> None:
+    # Eager mode has no time limits: the task would sleep its 30 s and return "slept".
+    project.makepyfile(
+        """
+        import time
+        from celery.exceptions import SoftTimeLimitExceeded
+        from ep import app
+
+        @app.task(soft_time_limit=1)
+        def slow():
+            try:
+                time.sleep(30)
+            except SoftTimeLimitExceeded:
+                return "cut short"
+            return "slept"
+
+        def test_slow():
+            assert slow.delay().get() == "cut short"
+        """
+    )
+    result = project.runpytest("-p", "no:randomly", "--celery-retry-eager")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_slow",
+            "  test_the_test_sees_what_a_worker_does_and_the_report_says_so.slow: attempt 1: "
+            "soft time limit (1 s) exceeded (a worker's doing; eager mode has no worker)",
+        ]
+    )
