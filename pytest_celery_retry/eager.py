@@ -22,7 +22,7 @@ from celery.app.task import Task
 from celery.result import EagerResult
 
 from .records import TaskRun
-from .session import RetrySession, Settings, _active
+from .session import RetrySession, Settings, session_running
 
 __all__ = ["REPORT_KEY", "EagerSwitch"]
 
@@ -50,7 +50,7 @@ class EagerSwitch:
         # Celery's name, signature and docstring: a test may autospec-mock Task.apply.
         @functools.wraps(self._original_apply)
         def apply(task: Any, *args: Any, **kwargs: Any) -> Any:
-            if _active:
+            if session_running():
                 # Inside a task the worker runs (its session is active), or in a test with
                 # its own retry_worker or flaky_broker: Task.apply does what Celery does.
                 return switch._original_apply(task, *args, **kwargs)
