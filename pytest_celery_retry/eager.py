@@ -15,12 +15,14 @@ import functools
 import sys
 import traceback
 from collections import Counter
+from datetime import datetime
 from typing import Any, cast
 
 import pytest
 from celery.app.task import Task
 from celery.result import EagerResult
 
+from .errors import is_number
 from .records import TaskRun
 from .session import RetrySession, Settings, session_running
 
@@ -76,7 +78,10 @@ class EagerSwitch:
         headers: dict[str, Any] | None = None,
         **options: Any,
     ) -> Any:
-        """``Task.apply`` with Celery's parameters, run by the retry worker."""
+        """``Task.apply`` with Celery's parameters, run by the retry worker.
+
+        ``logfile`` and ``loglevel`` fill eager mode's request; a worker's request has none.
+        """
         from .worker import RetryWorker
 
         app = task._get_app()
@@ -93,6 +98,7 @@ class EagerSwitch:
         options.update({key: value for key, value in given.items() if value is not None})
         args, kwargs = tuple(args or ()), dict(kwargs or {})
         session = RetrySession(settings=dataclasses.replace(self.settings)).start()
+        _drop_passed_schedule(options, session.clock.now())
         worker = RetryWorker(session)
         # While the session runs, the app is no eager app (RetrySession.installation): a retry
         # or a nested delay() is published, as in production. Closing it restores the setting.
@@ -140,7 +146,8 @@ class EagerSwitch:
                 f"{other.task_name}: sent while {run.task_name} ran, executed after it "
                 "returned (eager mode runs it inside the sender, before the sender returns)"
             )
-            findings += _run_findings(other, (False, throws[1]), depth=0)
+            # Eager mode applies a nested task with throw left out: task_eager_propagates.
+            findings += _run_findings(other, (throws[1], throws[1]), depth=0)
         self._pending += findings
 
     # -- hooks -------------------------------------------------------------------------------
@@ -207,6 +214,21 @@ def _run_findings(run: TaskRun, throws: tuple[bool, bool], depth: int) -> list[s
         if attempt.note
     ]
     return findings
+
+
+def _drop_passed_schedule(options: dict[str, Any], now: datetime) -> None:
+    """A countdown or eta already passed: Celery runs the task at once, and so does the worker
+    without them. (Its ``apply()`` refuses them, as a test's mistake; in an eager suite, where
+    every countdown ran at once, they are no mistake.)"""
+    countdown = options.get("countdown")
+    if is_number(countdown) and cast(float, countdown) < 0:
+        del options["countdown"]
+    eta = options.get("eta")
+    if isinstance(eta, datetime):
+        if eta.tzinfo is None:  # as the worker reads it
+            eta = eta.replace(tzinfo=now.tzinfo)
+        if eta < now:
+            del options["eta"]
 
 
 def _stack_depth() -> int:

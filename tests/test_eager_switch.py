@@ -309,3 +309,22 @@ def test_the_test_sees_what_a_worker_does_and_the_report_says_so(
             "soft time limit (1 s) exceeded (a worker's doing; eager mode has no worker)",
         ]
     )
+
+
+def test_a_passed_countdown_or_eta_runs_at_once_as_in_celery(project: pytest.Pytester) -> None:
+    # The worker's apply() refuses them as a test's mistake; in an eager suite they are none.
+    project.makepyfile(
+        """
+        from datetime import datetime, timedelta, timezone
+        from ep import echo
+
+        def test_passed():
+            hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+            assert echo.apply_async((1,), eta=hour_ago).get() == 1
+            assert echo.apply_async((2,), eta=hour_ago.replace(tzinfo=None)).get() == 2
+            assert echo.apply_async((3,), countdown=-5).get() == 3
+        """
+    )
+    result = project.runpytest("-p", "no:randomly", "--celery-retry-eager")
+    result.assert_outcomes(passed=1)
+    assert SECTION not in result.stdout.str()
