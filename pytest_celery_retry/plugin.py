@@ -42,6 +42,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="attempts after which a retrying task is stopped as endless "
         f"(default {_DEFAULTS.max_attempts})",
     )
+    group.addoption(
+        "--celery-retry-eager",
+        action="store_true",
+        default=None,
+        help="run eager tasks (task_always_eager, Task.apply()) on the retry worker and "
+        "report what eager mode hides (ini celery_retry_eager)",
+    )
     for flavor in FLAVORS.values():
         group.addoption(
             f"--celery-retry-{flavor.broker}-url",
@@ -59,6 +66,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=_DEFAULTS.serialize,
     )
     parser.addini(
+        "celery_retry_eager",
+        "run eager tasks on the retry worker, as --celery-retry-eager",
+        type="bool",
+        default=_DEFAULTS.eager,
+    )
+    parser.addini(
         "celery_retry_result_backend",
         "result backend installed for the test ('keep' leaves the app's own)",
         default=MEMORY_RESULT_BACKEND,
@@ -66,7 +79,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[SETTINGS] = _settings(config)
+    settings = config.stash[SETTINGS] = _settings(config)
+    if settings.eager:
+        # Only now: the switch imports Celery, which an unused plugin must not.
+        from .eager import EagerSwitch
+
+        switch = EagerSwitch(settings)
+        switch.install()
+        config.pluginmanager.register(switch, "celery-retry-eager")
     config.addinivalue_line(
         "markers",
         "broker_outage(fail_next=N, on='connect', seconds=S, down=False, flavor=None): "
@@ -81,10 +101,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     settings = config.stash[SETTINGS]
-    return (
+    header = (
         f"celery-retry: seed={settings.seed} (--celery-retry-seed), "
         f"max attempts={settings.max_attempts}"
     )
+    if settings.eager:
+        header += ", eager tasks run on the retry worker (--celery-retry-eager)"
+    return header
 
 
 REQUIRE_REAL_BROKERS = "CELERY_RETRY_REQUIRE_REAL_BROKERS"
@@ -134,6 +157,7 @@ def _settings(config: pytest.Config) -> Settings:
             _DEFAULTS.max_attempts,
         ),
         serialize=bool(config.getini("celery_retry_serialize")),
+        eager=bool(config.getoption("celery_retry_eager") or config.getini("celery_retry_eager")),
         result_backend=None if backend == "keep" else backend or MEMORY_RESULT_BACKEND,
     )
 

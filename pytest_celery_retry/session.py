@@ -18,7 +18,13 @@ from .clock import VirtualClock
 if TYPE_CHECKING:
     from .broker import InMemoryBroker, PublishAnnouncements
 
-__all__ = ["MEMORY_RESULT_BACKEND", "AppInstallation", "RetrySession", "Settings"]
+__all__ = [
+    "MEMORY_RESULT_BACKEND",
+    "AppInstallation",
+    "RetrySession",
+    "Settings",
+    "session_running",
+]
 
 MEMORY_RESULT_BACKEND = "cache+memory://"
 
@@ -31,6 +37,8 @@ class Settings:
     max_attempts: int = 1000
     serialize: bool = True
     result_backend: str | None = MEMORY_RESULT_BACKEND
+    # Task.apply (what task_always_eager runs) goes to the retry worker (eager.py).
+    eager: bool = False
 
 
 @dataclass
@@ -160,6 +168,11 @@ def _route(app: Any, publishing: bool) -> str | None:
     if installed is None or publishing:
         installed = session.installation(app)
     return installed.broker.url
+
+
+def session_running() -> bool:
+    """Whether a session runs: a test's fixtures, or the eager switch's call."""
+    return bool(_active)
 
 
 def _activate(session: RetrySession) -> None:
