@@ -1,6 +1,6 @@
 """Oracle: what the real Redis and RabbitMQ do to a retry that waits (issue #13). Asserts nothing.
 
-The measurements too slow or too shared for tests/test_broker_limits_real.py, which pins the
+The measurements too slow or too shared for tests/real_limits_cases.py, which pins the
 fast ones. Needs the local Redis and RabbitMQ (and rabbitmqctl for ``tick``). Run from the
 repository root:
 

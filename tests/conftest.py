@@ -124,12 +124,19 @@ def real_broker_url(kind: str) -> str:
 # few seconds. They take this lock exclusively and every other real-broker test shares it, so
 # no other test holds a delivery while the node's limit is low, across xdist workers too.
 RABBITMQ_NODE_LOCK = "/tmp/pytest-celery-retry-rabbitmq-node.lock"
+# Taken before the lock: a waiting exclusive holder keeps it, so the shared holders that keep
+# coming cannot starve it.
+_RABBITMQ_NODE_GATE = RABBITMQ_NODE_LOCK + ".gate"
 
 
 @contextlib.contextmanager
 def rabbitmq_node_lock(exclusive: bool) -> Iterator[None]:
-    with open(RABBITMQ_NODE_LOCK, "a") as lock:  # closing it releases the lock
+    # Closing the files releases the locks.
+    with open(_RABBITMQ_NODE_GATE, "a") as gate, open(RABBITMQ_NODE_LOCK, "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
         yield
 
 

@@ -1,0 +1,590 @@
+"""What the real brokers do to a retry that waits: issue #13's measurements, pinned.
+
+Redis's visibility sweep (celery#2481), RabbitMQ's consumer_timeout (celery#6760), brokers
+that hang instead of refusing (celery#4296, #6911, kombu#902) and native delayed delivery
+through quorum queues (celery#9912, #10111), each scaled down to seconds of real time.
+docs/broker-limits.md has the figures; benchmarks/broker_limits_oracle.py the slow ones.
+Skipped without CELERY_RETRY_REDIS_URL / CELERY_RETRY_AMQP_URL (a failure in CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import rabbitmq_node_lock, real_broker_url
+from kombu.exceptions import OperationalError
+from test_real_brokers import SWEEP_OPTIONS_WORK, start_worker, wait_until
+
+from pytest_celery_retry.proxy import BrokerProxy
+
+ProxyFactory = Callable[[str], BrokerProxy]
+real_broker = pytest.mark.real_broker
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One run of a task (or one message the worker received), relative to the test's start."""
+
+    t: float
+    task_id: str
+    retries: int
+    redelivered: bool
+    exchange: str = ""
+
+
+class Recorder:
+    """Runs of the ``waits`` task and the messages the worker received, with their times."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.runs: list[Seen] = []
+        self.received: list[Seen] = []
+
+    def seen(self, task_id: str, retries: int, delivery_info: dict[str, Any] | None) -> Seen:
+        delivery = delivery_info or {}
+        return Seen(
+            t=time.monotonic() - self.started,
+            task_id=task_id,
+            retries=retries,
+            redelivered=bool(delivery.get("redelivered")),
+            exchange=delivery.get("exchange") or "",
+        )
+
+    def retries(self, which: list[Seen]) -> list[Seen]:
+        return [seen for seen in which if seen.retries == 1]
+
+
+@contextlib.contextmanager
+def recording(app: Any, countdown: float) -> Iterator[Recorder]:
+    """``waits`` retries once with ``countdown``; the worker's receipts are recorded too."""
+    from celery.signals import task_received
+
+    recorder = Recorder()
+
+    @app.task(name="waits", bind=True, max_retries=1, shared=False)
+    def waits(self: Any) -> None:
+        request = self.request
+        recorder.runs.append(recorder.seen(request.id, request.retries, request.delivery_info))
+        if self.request.retries == 0:
+            raise self.retry(countdown=countdown)
+
+    def on_received(request: Any, **_: Any) -> None:
+        retries = request.request_dict.get("retries", 0)
+        recorder.received.append(recorder.seen(request.id, retries, request.delivery_info))
+
+    task_received.connect(on_received, weak=False)
+    try:
+        yield recorder
+    finally:
+        task_received.disconnect(on_received)
+
+
+_open_apps: list[Any] = []
+
+
+def real_app(kind: str, **config: Any) -> Any:
+    """An app on the real broker (not through the proxy), closed after the test."""
+    from celery import Celery
+
+    app = Celery(f"limits-{uuid.uuid4().hex[:8]}", broker=real_broker_url(kind))
+    app.conf.update(worker_hijack_root_logger=False, broker_heartbeat=2, **config)
+    _open_apps.append(app)
+    return app
+
+
+@pytest.fixture(autouse=True)
+def _close_real_apps() -> Iterator[None]:
+    yield
+    while _open_apps:
+        _open_apps.pop().close()
+
+
+def new_name() -> str:
+    return f"celery-retry-limits-{uuid.uuid4().hex[:12]}"
+
+
+# -- 1. Redis: a countdown longer than visibility_timeout (celery#2481) ---------------------
+# kombu's QoS puts each delivered message in the ``unacked`` hash with its delivery time; a
+# sweep every unacked_restore_interval * unacked_restore_throttle seconds pushes back onto the
+# queue every entry older than visibility_timeout, marked redelivered. The worker still holds
+# the first copy for its ETA and now receives the restored one, holds it too, and so on: every
+# copy runs at the ETA. 1.5 s between two 1 s sweeps: a copy is restored at the second sweep
+# after its delivery, so copies come 2 s apart and a 5 s countdown runs 3 times.
+VISIBILITY = {
+    "visibility_timeout": 1.5,
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
+}
+
+
+@real_broker
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks-late"])
+def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(acks_late: bool) -> None:
+    queue = new_name()
+    # Our own unacked keys: a 1.5 s sweep of kombu's shared ones would restore messages that
+    # other tests' workers hold on this Redis.
+    keys = {
+        f"unacked{suffix}_key": f"{queue}-unacked{suffix}" for suffix in ("", "_index", "_mutex")
+    }
+    app = real_app(
+        "redis", task_acks_late=acks_late, broker_transport_options={**VISIBILITY, **keys}
+    )
+    try:
+        with recording(app, countdown=5) as recorder, start_worker(app, queue):
+            recorder.started = time.monotonic()
+            app.tasks["waits"].apply_async(queue=queue)
+            assert wait_until(lambda: len(recorder.runs) >= 4, 10), recorder.runs
+            time.sleep(1.0)  # room for another copy to show up
+    finally:
+        forget("redis", queue, *keys.values())
+    first, *retried = recorder.runs
+    assert first.retries == 0
+    # One task id, three runs of its retry, all at the ETA: the original and two restored copies.
+    assert [run.retries for run in retried] == [1, 1, 1], recorder.runs
+    assert {run.task_id for run in recorder.runs} == {first.task_id}
+    assert sorted(run.redelivered for run in retried) == [False, True, True]
+    assert all(run.t == pytest.approx(5, abs=0.5) for run in retried), recorder.runs
+    held = recorder.retries(recorder.received)
+    assert [copy.redelivered for copy in held] == [False, True, True], recorder.received
+    assert held[0].t < 0.5
+    assert 1.5 <= held[1].t <= 3.0, recorder.received  # the first sweep past 1.5 s
+    assert held[2].t - held[1].t == pytest.approx(2, abs=0.5), recorder.received
+
+
+if not SWEEP_OPTIONS_WORK:  # kombu < 5.7 sweeps every 100 s: see benchmarks/broker_limits_oracle.py
+    del test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep
+
+
+# -- 2. RabbitMQ: a countdown longer than consumer_timeout (celery#6760) --------------------
+CONSUMER_TIMEOUT_MS = 2000  # above the 1 s a task of the other real-broker tests holds
+TICK_MS = 1000  # the channel checks consumer_timeout on its tick: 60 s by default
+
+
+def rabbitmqctl(expression: str) -> str:
+    command = shutil.which("rabbitmqctl")
+    if command is None:
+        pytest.skip("rabbitmqctl (on the RabbitMQ node) lowers consumer_timeout: not found")
+    result = subprocess.run(
+        [command, "eval", expression], capture_output=True, text=True, timeout=30, check=True
+    )
+    return result.stdout.strip()
+
+
+@contextlib.contextmanager
+def rabbit_node_settings(**settings: int) -> Iterator[None]:
+    """Set the running node's ``rabbit`` application settings, and restore them on every path."""
+    # Exclusively: every other real-broker test waits (tests/conftest.py).
+    with rabbitmq_node_lock(exclusive=True):
+        before = {name: rabbitmqctl(f"application:get_env(rabbit, {name}).") for name in settings}
+        try:
+            for name, value in settings.items():
+                rabbitmqctl(f"application:set_env(rabbit, {name}, {value}).")
+            yield
+        finally:
+            for name, value in before.items():
+                if value == "undefined":
+                    rabbitmqctl(f"application:unset_env(rabbit, {name}).")
+                else:  # "{ok,1800000}"
+                    rabbitmqctl(f"application:set_env(rabbit, {name}, {value[4:-1]}).")
+
+
+def rabbitmq_version() -> tuple[int, ...]:
+    from kombu import Connection
+
+    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
+        conn.connect()
+        version = conn.connection.server_properties["version"]
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+def forget(kind: str, queue: str, *redis_keys: str) -> int:
+    """Delete ``queue`` and what declaring it left on the real broker (the exchange Celery
+    named after it; kombu's binding keys on Redis); return how many messages it held."""
+    if kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(real_broker_url("redis"))
+        try:
+            depth: int = client.llen(queue)
+            bindings = [key for key in client.scan_iter(f"_kombu.binding*.{queue}")]
+            client.delete(queue, *redis_keys, *bindings)
+        finally:
+            client.close()
+        return depth
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
+        channel = conn.channel()
+        try:
+            depth = channel.queue_declare(queue, passive=True).message_count
+        except NotFound:  # closes the channel
+            depth, channel = 0, conn.channel()
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
+    return depth
+
+
+def log_times(caplog: pytest.LogCaptureFixture, started: float, text: str) -> list[float]:
+    """When (test time) the worker logged ``text``."""
+    wall_start = time.time() - (time.monotonic() - started)
+    return [r.created - wall_start for r in caplog.records if text in r.getMessage()]
+
+
+@real_broker
+@pytest.mark.rabbitmq_node_settings
+def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptureFixture) -> None:
+    # Celery's default: PRECONDITION_FAILED is a channel error, not a connection error, so the
+    # consumer does not restart: the worker stops and the retry waits in the queue.
+    queue = new_name()
+    app = real_app("amqp")
+    with rabbit_node_settings(consumer_timeout=CONSUMER_TIMEOUT_MS, channel_tick_interval=TICK_MS):
+        try:
+            with recording(app, countdown=6) as recorder, start_worker(app, queue):
+                recorder.started = time.monotonic()
+                app.tasks["waits"].apply_async(queue=queue)
+                assert wait_until(lambda: "Unrecoverable error" in caplog.text, 6), caplog.text
+        finally:
+            left = forget("amqp", queue)
+    crashed = log_times(caplog, recorder.started, "Unrecoverable error: PreconditionFailed")
+    assert "delivery acknowledgement on channel 1 timed out" in caplog.text
+    # Closed at the first tick past the timeout: 2 s + up to 1 s (measured 2.99 s), later on a
+    # loaded machine.
+    assert len(crashed) == 1 and 2 <= crashed[0] <= 4.5, crashed
+    assert [run.retries for run in recorder.runs] == [0]
+    assert left == 1  # RabbitMQ requeued the retry; nobody consumes it
+
+
+@real_broker
+@pytest.mark.rabbitmq_node_settings
+def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    queue = new_name()
+    app = real_app("amqp", broker_channel_error_retry=True)
+    with rabbit_node_settings(consumer_timeout=CONSUMER_TIMEOUT_MS, channel_tick_interval=TICK_MS):
+        try:
+            with recording(app, countdown=5) as recorder, start_worker(app, queue):
+                recorder.started = time.monotonic()
+                app.tasks["waits"].apply_async(queue=queue)
+                assert wait_until(lambda: len(recorder.runs) == 2, 9), recorder.runs
+                time.sleep(1.0)  # room for a duplicate
+        finally:
+            left = forget("amqp", queue)
+    lost = log_times(caplog, recorder.started, "Connection to broker lost")
+    assert "PRECONDITION_FAILED" in caplog.text
+    assert lost and 2 <= lost[0] <= 4.5, lost
+    # RabbitMQ redelivers the one message it took back: no duplicate, unlike Redis.
+    first, retried = recorder.runs
+    assert (first.retries, retried.retries, retried.redelivered) == (0, 1, True)
+    assert retried.t == pytest.approx(5, abs=0.5)
+    assert "Unrecoverable error" not in caplog.text
+    assert left == 0
+
+
+@real_broker
+@pytest.mark.rabbitmq_node_settings
+def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptureFixture) -> None:
+    from kombu import Queue
+
+    queue = new_name()
+    app = real_app("amqp")
+    app.conf.task_queues = [Queue(queue, queue_arguments={"x-consumer-timeout": 1000})]
+    honoured = rabbitmq_version() >= (3, 12)  # RabbitMQ 3.12 added the queue argument
+    # Only the tick is lowered: the node's 30 min consumer_timeout stays.
+    with rabbit_node_settings(channel_tick_interval=TICK_MS):
+        try:
+            with recording(app, countdown=3) as recorder, start_worker(app, queue):
+                recorder.started = time.monotonic()
+                app.tasks["waits"].apply_async(queue=queue)
+                wait_until(lambda: len(recorder.runs) == 2, 5)
+        finally:
+            forget("amqp", queue)
+    assert ("PRECONDITION_FAILED" in caplog.text) is honoured, caplog.text
+    if not honoured:
+        assert [run.retries for run in recorder.runs] == [0, 1]
+        assert not recorder.runs[1].redelivered
+
+
+# -- 4. A broker that hangs instead of refusing (celery#4296, #6911, #4627, kombu#902) ------
+# broker_proxy.blackhole() accepts connections and never answers, and stalls open ones.
+POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+def blackhole(proxy: BrokerProxy) -> None:
+    proxy.blackhole()
+    # The proxy's forwarding threads look at the mode every 50 ms: bytes sent before they do
+    # still pass.
+    time.sleep(0.2)
+
+
+def timed_publish(app: Any, queue: str, **options: Any) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        app.send_task("foo.task", queue=queue, retry_policy=POLICY, **options)
+    except Exception as exc:
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+def still_blocked(app: Any, queue: str, proxy: BrokerProxy, **options: Any) -> tuple[bool, float]:
+    """Whether a publish is still blocked after 2 s, and how long it takes once the proxy
+    restores (a blackholed connection closes then; a stalled one resumes)."""
+    done = threading.Event()
+
+    def publish() -> None:
+        with contextlib.suppress(Exception):
+            app.send_task("foo.task", queue=queue, retry_policy=POLICY, **options)
+        done.set()
+
+    threading.Thread(target=publish, daemon=True).start()
+    blocked = not done.wait(2.0)
+    restored = time.monotonic()
+    proxy.restore()
+    assert done.wait(5.0), proxy.timeline()
+    return blocked, time.monotonic() - restored
+
+
+def hang_config(app: Any, **transport_options: Any) -> None:
+    app.conf.update(
+        broker_connection_timeout=1,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+
+
+@real_broker
+def test_redis_publish_into_a_hang_fails_at_socket_timeout(
+    broker_proxy: ProxyFactory, app: Any
+) -> None:
+    proxy = broker_proxy("redis")
+    hang_config(app, socket_timeout=1, socket_connect_timeout=1)
+    queue = new_name()
+    try:
+        blackhole(proxy)
+        fresh = timed_publish(app, queue, retry=False)
+        proxy.restore()
+        app.send_task("foo.task", queue=queue)  # a pooled connection that now hangs
+        blackhole(proxy)
+        attempts_before = len(proxy.connection_attempts)
+        established = timed_publish(app, queue, retry=True)
+        reconnects = len(proxy.connection_attempts) - attempts_before
+    finally:
+        proxy.restore()
+        forget("redis", queue)
+    # The TCP connect succeeds; the first reply never comes: socket_timeout decides.
+    took, error = fresh
+    assert isinstance(error, OperationalError) and "Timeout reading from socket" in str(error)
+    assert took == pytest.approx(1, abs=0.5)
+    # With retry=True each of the policy's 1 + 2 tries waits out socket_timeout again (plus
+    # the intervals): about 4.2 s, through 3 new connections.
+    took, error = established
+    assert isinstance(error, OperationalError), error
+    assert 3.5 <= took <= 6, took
+    assert reconnects == 3, proxy.timeline()
+
+
+@real_broker
+def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory, app: Any) -> None:
+    # socket_connect_timeout bounds the TCP connect only, and broker_connection_timeout does
+    # not reach redis-py's reads: kombu's default socket_timeout (None) waits for ever.
+    proxy = broker_proxy("redis")
+    hang_config(app, socket_connect_timeout=1)
+    queue = new_name()
+    try:
+        blackhole(proxy)
+        blocked, after_restore = still_blocked(app, queue, proxy, retry=False)
+    finally:
+        proxy.restore()
+        forget("redis", queue)
+    assert blocked
+    assert after_restore < 1.5
+
+
+@real_broker
+def test_amqp_publish_into_a_hang(broker_proxy: ProxyFactory, app: Any) -> None:
+    proxy = broker_proxy("amqp")
+    hang_config(app, confirm_publish=True)
+    queue = new_name()
+    try:
+        blackhole(proxy)
+        attempts_before = len(proxy.connection_attempts)
+        fresh = timed_publish(app, queue, retry=True)
+        fresh_connects = len(proxy.connection_attempts) - attempts_before
+        proxy.restore()
+        app.send_task("foo.task", queue=queue)
+        blackhole(proxy)
+        established = timed_publish(app, queue, retry=True, confirm_timeout=1)
+        proxy.restore()
+        app.send_task("foo.task", queue=queue)  # the failed retries left no connection
+        blackhole(proxy)
+        blocked, after_restore = still_blocked(app, queue, proxy, retry=False, confirm_timeout=1)
+    finally:
+        proxy.restore()
+        forget("amqp", queue)
+    # A fresh connection: py-amqp's handshake times out at broker_connection_timeout, which
+    # also caps kombu's connect retries: one try, whatever the policy.
+    took, error = fresh
+    assert isinstance(error, OperationalError) and str(error) == "timed out", error
+    assert took == pytest.approx(1, abs=0.5)
+    assert fresh_connects == 1, proxy.timeline()
+    # A connection that hangs: confirm_timeout ends the wait for the confirm, then each retry
+    # times out at broker_connection_timeout: about 4.2 s.
+    took, error = established
+    assert isinstance(error, OperationalError) and str(error) == "timed out", error
+    assert 3.5 <= took <= 6, took
+    # retry=False: the confirm times out after 1 s, but kombu then returns the connection to
+    # the pool by closing its channel, and py-amqp waits for Close-Ok without a timeout.
+    assert blocked
+    assert after_restore < 1.5
+
+
+@real_broker
+def test_amqp_worker_notices_a_hang_by_its_heartbeat(
+    broker_proxy: ProxyFactory, app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = broker_proxy("amqp")
+    hang_config(app)
+    app.conf.broker_heartbeat = 2
+    queue = new_name()
+    runs: list[float] = []
+
+    @app.task(name="record", shared=False)
+    def record() -> None:
+        runs.append(time.monotonic())
+
+    try:
+        with start_worker(app, queue):
+            started = time.monotonic()
+            blackhole(proxy)
+            assert wait_until(lambda: "Too many heartbeats missed" in caplog.text, 8), caplog.text
+            proxy.restore()
+            restored = time.monotonic()
+            real = real_app("amqp")
+            real.send_task("record", queue=queue)
+            assert wait_until(lambda: bool(runs), 10), proxy.timeline()
+    finally:
+        proxy.restore()
+        forget("amqp", queue)
+    lost = log_times(caplog, started, "Too many heartbeats missed")
+    # Missed heartbeats are counted on the worker's 1 s heartbeat_check ticks: at 2x-2.5x
+    # broker_heartbeat.
+    assert 3.5 <= lost[0] <= 6, lost
+    assert runs[0] - restored < 6
+
+
+# -- 6. Quorum queues: native delayed delivery (celery#9912, #10111) -------------------------
+DELAYED_LEVELS = 28  # kombu's celery_delayed_0 .. celery_delayed_27
+
+
+def delayed_delivery_exists() -> bool:
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
+        try:
+            conn.channel().exchange_declare("celery_delayed_delivery", "topic", passive=True)
+        except NotFound:
+            return False
+    return True
+
+
+def delete_delayed_delivery() -> None:
+    from kombu import Connection
+
+    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
+        channel = conn.channel()
+        for level in range(DELAYED_LEVELS):
+            channel.queue_delete(f"celery_delayed_{level}")
+            channel.exchange_delete(f"celery_delayed_{level}")
+        channel.exchange_delete("celery_delayed_delivery")
+
+
+@real_broker
+def test_quorum_queue_countdown_goes_through_celery_delayed_queues() -> None:
+    from kombu import Exchange, Queue
+
+    queue = new_name()
+    app = real_app("amqp")
+    app.conf.update(
+        task_queues=[
+            Queue(
+                queue,
+                Exchange(queue, type="topic"),
+                routing_key=queue,
+                queue_arguments={"x-queue-type": "quorum"},
+            )
+        ],
+        task_default_queue=queue,
+        task_default_exchange=queue,
+        task_default_exchange_type="topic",
+        task_default_routing_key=queue,
+    )
+    errors: list[BaseException] = []
+    short_runs: list[float] = []
+
+    @app.task(name="too_short", bind=True, max_retries=1, shared=False)
+    def too_short(self: Any) -> None:
+        short_runs.append(time.monotonic())
+        try:
+            self.retry(countdown=0.5)
+        except Exception as exc:
+            errors.append(exc)
+            raise
+
+    shared = delayed_delivery_exists()  # someone else's: leave it
+    try:
+        with recording(app, countdown=1.5) as recorder, start_worker(app, queue):
+            recorder.started = time.monotonic()
+            app.tasks["waits"].apply_async()
+            too_short.apply_async()
+            assert wait_until(lambda: len(recorder.runs) == 2, 6), recorder.received
+            time.sleep(0.5)
+    finally:
+        forget("amqp", queue)
+        if not shared:
+            delete_delayed_delivery()
+    # The retry left through celery_delayed_27 with its countdown, truncated to whole seconds,
+    # in the routing key; it was dead-lettered level by level and came back after 1 s, not
+    # held by the worker; the worker then held the rest of its ETA.
+    first, held = recorder.received[0], recorder.retries(recorder.received)[0]
+    assert held.exchange.startswith("celery_delayed_"), recorder.received
+    assert held.t == pytest.approx(1, abs=0.4), recorder.received
+    assert recorder.runs[1].t == pytest.approx(1.5, abs=0.3), recorder.runs
+    assert first.exchange == queue
+    # countdown < 1: kombu's calculate_routing_key refuses int(0.5) == 0, and Celery turns the
+    # ValueError into a Reject without requeue: the task is dropped, not retried.
+    assert len(short_runs) == 1
+    assert [type(e).__name__ for e in errors] == ["Reject"], errors
+    assert "countdown must be a positive number" in str(errors[0])
+
+
+def test_native_delayed_delivery_cannot_run_on_kombus_memory_transport() -> None:
+    # The plugin's pyamqp flavour is kombu's memory transport: its driver_type is "memory", so
+    # Celery never takes the quorum path there, and kombu's set-up needs exchange-to-exchange
+    # bindings, which the virtual transport lacks (and message TTL and dead-lettering).
+    from celery import Celery
+    from celery.utils.quorum_queues import detect_quorum_queues
+    from kombu import Connection, Queue
+    from kombu.transport.native_delayed_delivery import (
+        declare_native_delayed_delivery_exchanges_and_queues,
+    )
+
+    app = Celery("memory-quorum", broker="memory://", set_as_current=False)
+    app.conf.task_queues = [Queue("q", queue_arguments={"x-queue-type": "quorum"})]
+    with Connection("memory://") as conn:
+        assert conn.transport.driver_type == "memory"
+        assert detect_quorum_queues(app, conn.transport.driver_type) == (False, "")
+        assert detect_quorum_queues(app, "amqp") == (True, "q")
+        with pytest.raises(NotImplementedError, match="exchange_bind"):
+            declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
