@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import celery
+import kombu
 import pytest
 import real_limits_cases as cases
 
@@ -27,11 +29,39 @@ CASES = [
     for name, case in vars(cases).items()
     if name.startswith("test_") and callable(case)
 ]
+# What was measured, with Celery 5.7 and kombu 5.7: older versions behave otherwise in places
+# (a publish into a hung RabbitMQ blocked for ever on kombu 5.3) and are not measured yet.
+if not all(
+    tuple(int(part) for part in module.__version__.split(".")[:2]) >= (5, 7)
+    for module in (celery, kombu)
+):
+    CASES = [
+        pytest.param(
+            "",
+            marks=pytest.mark.skip(reason="measured with Celery 5.7 and kombu 5.7 only"),
+            id="older-celery-or-kombu",
+        )
+    ]
+# A case takes well under a minute: one that hangs fails instead of stalling the run.
+CASE_TIMEOUT = 240
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_in_its_own_process(name: str) -> None:
-    result = subprocess.run(
+    try:
+        result = _run(name)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"{name} still ran after {CASE_TIMEOUT} s: {hung.output!r:.4000}")
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        pytest.fail(f"{name} failed in its own process:\n{output[-6000:]}", pytrace=False)
+    if not re.search(r"\d+ passed", output):
+        skipped = re.findall(r"SKIPPED \[\d+\] [^:]+:\d+: (.*)", output)
+        pytest.skip("; ".join(skipped) or output[-2000:])
+
+
+def _run(name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             *(sys.executable, "-m", "pytest", f"{cases.__file__}::{name}", "-q", "-rs"),
             *("-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:xdist"),
@@ -39,11 +69,5 @@ def test_in_its_own_process(name: str) -> None:
         cwd=Path(__file__).parent.parent,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=CASE_TIMEOUT,
     )
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        pytest.fail(f"{name} failed in its own process:\n{output[-6000:]}", pytrace=False)
-    if not re.search(r"\d+ passed", output):
-        skipped = re.findall(r"SKIPPED \[\d+\] [^:]+:\d+: (.*)", output)
-        pytest.skip("; ".join(skipped) or output[-2000:])
