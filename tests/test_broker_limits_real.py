@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import celery
 import kombu
@@ -20,14 +21,24 @@ import real_limits_cases as cases
 # The markers the outer test needs: real_broker (a skip fails in CI) and the RabbitMQ node
 # lock's (the case takes it exclusively: the outer test must not hold it shared).
 _PASSED_ON = ("real_broker", "rabbitmq_node_settings")
+
+
+def _node_ids(name: str, case: Any) -> list[str]:
+    """One id per parametrized case (each must run in a process of its own too)."""
+    marks = getattr(case, "pytestmark", [])
+    ids = [list(m.kwargs.get("ids") or []) for m in marks if m.name == "parametrize"]
+    return [f"{name}[{id_}]" for id_ in ids[0]] if ids else [name]
+
+
 CASES = [
     pytest.param(
-        name,
+        node_id,
         marks=[m for m in getattr(case, "pytestmark", []) if m.name in _PASSED_ON],
-        id=name.removeprefix("test_"),
+        id=node_id.removeprefix("test_"),
     )
     for name, case in vars(cases).items()
     if name.startswith("test_") and callable(case)
+    for node_id in _node_ids(name, case)
 ]
 # What was measured, with Celery 5.7 and kombu 5.7: older versions behave otherwise in places
 # (a publish into a hung RabbitMQ blocked for ever on kombu 5.3) and are not measured yet.
