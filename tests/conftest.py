@@ -143,8 +143,8 @@ def rabbitmq_node_lock(exclusive: bool) -> Iterator[None]:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "rabbitmq_node_settings: changes the RabbitMQ node's settings (takes the "
-        "node lock exclusively)",
+        "own_rabbitmq_node_lock: the test takes the RabbitMQ node lock itself, or a process "
+        "it starts does (exclusively to change the node's settings)",
     )
 
 
@@ -152,7 +152,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _share_the_rabbitmq_node(request: pytest.FixtureRequest) -> Iterator[None]:
     node = request.node
     real = node.get_closest_marker("real_broker") or "broker_proxy" in request.fixturenames
-    if not real or node.get_closest_marker("rabbitmq_node_settings"):
+    if not real or node.get_closest_marker("own_rabbitmq_node_lock"):
         yield
         return
     with rabbitmq_node_lock(exclusive=False):

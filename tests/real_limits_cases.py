@@ -241,7 +241,7 @@ def log_times(caplog: pytest.LogCaptureFixture, started: float, text: str) -> li
 
 
 @real_broker
-@pytest.mark.rabbitmq_node_settings
+@pytest.mark.own_rabbitmq_node_lock
 def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptureFixture) -> None:
     # Celery's default: PRECONDITION_FAILED is a channel error, not a connection error, so the
     # consumer does not restart: the worker stops and the retry waits in the queue.
@@ -265,7 +265,7 @@ def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptu
 
 
 @real_broker
-@pytest.mark.rabbitmq_node_settings
+@pytest.mark.own_rabbitmq_node_lock
 def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -292,7 +292,7 @@ def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
 
 
 @real_broker
-@pytest.mark.rabbitmq_node_settings
+@pytest.mark.own_rabbitmq_node_lock
 def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptureFixture) -> None:
     from kombu import Queue
 

@@ -18,9 +18,10 @@ import kombu
 import pytest
 import real_limits_cases as cases
 
-# The markers the outer test needs: real_broker (a skip fails in CI) and the RabbitMQ node
-# lock's (the case takes it exclusively: the outer test must not hold it shared).
-_PASSED_ON = ("real_broker", "rabbitmq_node_settings")
+# The outer test is a real-broker test too (a skip fails in CI), but it must not hold the
+# RabbitMQ node lock (tests/conftest.py) while its case's process takes it: with a waiting
+# exclusive holder between them, the two would wait for each other.
+_PASSED_ON = ("real_broker",)
 
 
 def _node_ids(name: str, case: Any) -> list[str]:
@@ -33,7 +34,10 @@ def _node_ids(name: str, case: Any) -> list[str]:
 CASES = [
     pytest.param(
         node_id,
-        marks=[m for m in getattr(case, "pytestmark", []) if m.name in _PASSED_ON],
+        marks=[
+            *(m for m in getattr(case, "pytestmark", []) if m.name in _PASSED_ON),
+            pytest.mark.own_rabbitmq_node_lock,
+        ],
         id=node_id.removeprefix("test_"),
     )
     for name, case in vars(cases).items()
