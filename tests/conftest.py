@@ -146,13 +146,31 @@ def pytest_configure(config: pytest.Config) -> None:
         "own_rabbitmq_node_lock: the test takes the RabbitMQ node lock itself, or a process "
         "it starts does (exclusively to change the node's settings)",
     )
+    config.addinivalue_line(
+        "markers",
+        "redis_only: a real-broker test that uses no RabbitMQ, and so does not wait for the "
+        "RabbitMQ node lock",
+    )
+
+
+def _may_hold_a_rabbitmq_delivery(node: pytest.Item) -> bool:
+    """Only a test that uses RabbitMQ can be hurt by a lowered consumer_timeout: one marked
+    ``redis_only``, or a case whose ``kind`` parameter is Redis, need not wait for the lock."""
+    if node.get_closest_marker("redis_only"):
+        return False
+    callspec = getattr(node, "callspec", None)
+    return callspec is None or callspec.params.get("kind") != "redis"
 
 
 @pytest.fixture(autouse=True)
 def _share_the_rabbitmq_node(request: pytest.FixtureRequest) -> Iterator[None]:
     node = request.node
     real = node.get_closest_marker("real_broker") or "broker_proxy" in request.fixturenames
-    if not real or node.get_closest_marker("own_rabbitmq_node_lock"):
+    if (
+        not real
+        or node.get_closest_marker("own_rabbitmq_node_lock")
+        or not _may_hold_a_rabbitmq_delivery(node)
+    ):
         yield
         return
     with rabbitmq_node_lock(exclusive=False):

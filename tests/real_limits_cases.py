@@ -127,6 +127,7 @@ VISIBILITY = {
 
 
 @real_broker
+@pytest.mark.redis_only
 @pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks-late"])
 def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(acks_late: bool) -> None:
     queue = new_name()
@@ -364,6 +365,7 @@ def hang_config(app: Any, **transport_options: Any) -> None:
 
 
 @real_broker
+@pytest.mark.redis_only
 def test_redis_publish_into_a_hang_fails_at_socket_timeout(
     broker_proxy: ProxyFactory, app: Any
 ) -> None:
@@ -395,6 +397,7 @@ def test_redis_publish_into_a_hang_fails_at_socket_timeout(
 
 
 @real_broker
+@pytest.mark.redis_only
 def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory, app: Any) -> None:
     # socket_connect_timeout bounds the TCP connect only, and broker_connection_timeout does
     # not reach redis-py's reads: kombu's default socket_timeout (None) waits for ever.

@@ -80,6 +80,8 @@ def _run(name: str) -> subprocess.CompletedProcess[str]:
         [
             *(sys.executable, "-m", "pytest", f"{cases.__file__}::{name}", "-q", "-rs"),
             *("-p", "no:randomly", "-p", "no:cacheprovider", "-p", "no:xdist"),
+            # Hypothesis's plugin is 0.6 s of each start-up, and no case uses it.
+            *("-p", "no:hypothesispytest"),
         ],
         cwd=Path(__file__).parent.parent,
         capture_output=True,

@@ -310,6 +310,7 @@ def unacked_in_redis(task_id: str, queue: str) -> bool:
         client.close()
 
 
+@pytest.mark.redis_only
 def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     broker_proxy: ProxyFactory, app: Any
 ) -> None:
@@ -342,6 +343,7 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     assert runs[1] == pytest.approx(6, abs=SWEEP_SLACK), (runs, proxy.timeline())
 
 
+@pytest.mark.redis_only
 def test_redis_holds_back_an_eta_message_a_lost_connection_held(
     broker_proxy: ProxyFactory, app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -516,6 +518,7 @@ def test_real_transport_errors_match_the_flaky_broker_flavour(
         assert isinstance(error, recoverable), (error, recoverable)
 
 
+@pytest.mark.redis_only
 def test_threads_and_connections_are_gone_after_the_test(broker_proxy: ProxyFactory) -> None:
     proxy = broker_proxy("redis")
     proxy.close()
