@@ -92,6 +92,7 @@ class VirtualClock:
         self._freezer = freeze_time(self.started_at, tick=False, ignore=["_pytest."])
         with _modules_seen_before():
             self._frozen = self._freezer.start()
+        _give_the_tests_own_code_virtual_time()
         self._offset_slot = len(tz_offsets) - 1  # this freeze's entry in freezegun's stack
         self._follow_local_offset()
         self._patch_sleeps()
@@ -313,6 +314,33 @@ def _modules_seen_before() -> Iterator[None]:
         yield
     finally:
         api._get_cached_module_attributes = ask
+
+
+# pytest's modules that call the test's own code: test functions, fixtures and their
+# finalizers, unittest methods.
+_CALLERS_OF_TEST_CODE = frozenset(
+    ("_pytest.python", "_pytest.fixtures", "_pytest.runner", "_pytest.unittest")
+)
+
+
+def _give_the_tests_own_code_virtual_time() -> None:
+    """Real time only for pytest's own reads, not for the test's.
+
+    freezegun gives real time to any call made within five frames of an ignored module, and
+    pytest's frames sit right under the test function: ``time.time()`` in a test or a fixture
+    was real. The freezer just started still skips every ``_pytest.`` module when it patches
+    (their own time functions stay real), but its stack check now names every loaded pytest
+    module except those that call the test's code (and, as before, freezegun's defaults:
+    ``threading``, ``queue``, ...).
+    """
+    from freezegun import api
+
+    others = tuple(prefix for prefix in api.ignore_lists[-1] if not prefix.startswith("_pytest."))
+    api.ignore_lists[-1] = others + tuple(
+        name
+        for name in sys.modules
+        if name.startswith("_pytest.") and name not in _CALLERS_OF_TEST_CODE
+    )
 
 
 def _fix_aware_now() -> Callable[[], None]:

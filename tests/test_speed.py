@@ -108,14 +108,60 @@ def test_a_freeze_time_of_the_test_keeps_freezegun_s_own_cache(module_listings: 
     assert len(module_listings) > 100
 
 
-# -- what a test reads directly: pinned, as docs/worker.md says -------------------------------
-def test_time_read_in_the_test_itself_is_real_and_datetime_is_virtual(retry_worker: Any) -> None:
+# -- what a test reads directly: virtual, as docs/worker.md says; pytest's own timing: real ---
+def _read_time_here() -> float:
+    return time.time()
+
+
+@pytest.fixture
+def read_in_a_fixture(retry_worker: Any) -> float:
     retry_worker.clock.advance(3600)
-    # freezegun answers with real time any call made within five frames of pytest's own code,
-    # so time.time() right in a test (or a fixture) is real; datetime.now() is not.
-    assert abs(time.time() - freezegun.api.real_time()) < 60
+    return time.time()
+
+
+def test_time_read_in_the_test_itself_is_virtual(
+    read_in_a_fixture: float, retry_worker: Any
+) -> None:
+    # freezegun gives real time to calls made within five frames of an ignored module; the
+    # clock ignores pytest's modules but not those that call the test, the fixtures and them.
+    virtual = retry_worker.clock.now().timestamp()
+    assert virtual - freezegun.api.real_time() > 3500
+    assert read_in_a_fixture == virtual
+    assert time.time() == _read_time_here() == virtual
+    assert time.monotonic() == time.monotonic()
     assert datetime.now(timezone.utc) == retry_worker.clock.now()
-    assert abs(retry_worker.clock.now().timestamp() - freezegun.api.real_time() - 3600) < 60
+
+
+def test_pytest_keeps_real_time_for_its_own_timing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import time
+
+        import freezegun.api
+        import pytest
+
+
+        @pytest.fixture
+        def an_hour_on(retry_worker):
+            retry_worker.clock.advance(3600)
+            yield
+            assert time.time() - freezegun.api.real_time() > 3500, "teardown"
+
+
+        def test_an_hour(an_hour_on):
+            assert time.time() - freezegun.api.real_time() > 3500
+        """
+    )
+    result = pytester.runpytest("--durations=0", "-vv", "--junitxml=report.xml")
+    result.assert_outcomes(passed=1)
+    durations = [
+        float(line.split("s ")[0])
+        for line in result.outlines
+        if "test_an_hour" in line and line.split("s ")[0].replace(".", "").isdigit()
+    ]
+    assert len(durations) == 3 and max(durations) < 60, result.outlines
+    report = (pytester.path / "report.xml").read_text()
+    assert 'time="' in report and "3600" not in report, report
 
 
 # -- tracebacks: remembered per code object, the same as made afresh ---------------------------
