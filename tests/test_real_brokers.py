@@ -320,11 +320,15 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     app.conf.task_acks_late = True
     runs: list[float] = []
     started = [time.monotonic()]
+    published = threading.Event()
 
     @app.task(name="slow_ack", shared=False)
     def slow_ack() -> None:
         runs.append(time.monotonic() - started[0])
         if len(runs) == 1:
+            # The worker can take the message before the test has read Redis's reply to the
+            # publish: an outage then would cut the publish (seen under load, pytest -n 4).
+            published.wait(5)
             proxy.outage(2.0)  # Redis is away when the task acks at t=1
             time.sleep(1.0)
 
@@ -332,6 +336,7 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
         with start_worker(app, queue):
             started[0] = time.monotonic()
             slow_ack.apply_async(queue=queue)
+            published.set()
             assert wait_until(lambda: len(runs) == 2, 15), proxy.timeline()
             time.sleep(0.5)  # room for a third run to show up
     finally:
@@ -404,17 +409,20 @@ def test_acks_late_task_through_a_blip(
     app.conf.task_acks_late = True
     queue = new_queue()
     runs: list[float] = []
+    published = threading.Event()
 
     @app.task(name="blip", shared=False)
     def blip() -> None:
         runs.append(time.monotonic())
         if len(runs) == 1:
+            published.wait(5)  # not before the publish has its reply (as above)
             proxy.outage(0.5)
             time.sleep(1.0)
 
     try:
         with start_worker(app, queue):
             blip.apply_async(queue=queue)
+            published.set()
             wait_until(lambda: len(runs) == 2, 6)
             time.sleep(0.5)
     finally:
