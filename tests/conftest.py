@@ -148,15 +148,17 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "redis_only: a real-broker test that uses no RabbitMQ, and so does not wait for the "
-        "RabbitMQ node lock",
+        "holds_no_rabbitmq_delivery: a real-broker test that never holds a RabbitMQ delivery "
+        "unacknowledged (it uses Redis, or only publishes and reads without acks), so a "
+        "lowered consumer_timeout cannot reach it: it does not wait for the RabbitMQ node lock",
     )
 
 
 def _may_hold_a_rabbitmq_delivery(node: pytest.Item) -> bool:
-    """Only a test that uses RabbitMQ can be hurt by a lowered consumer_timeout: one marked
-    ``redis_only``, or a case whose ``kind`` parameter is Redis, need not wait for the lock."""
-    if node.get_closest_marker("redis_only"):
+    """Only a test holding a RabbitMQ delivery unacknowledged can be hurt by a lowered
+    consumer_timeout: one marked ``holds_no_rabbitmq_delivery``, or a case whose ``kind``
+    parameter is Redis, need not wait for the lock (and hold up the one that lowers it)."""
+    if node.get_closest_marker("holds_no_rabbitmq_delivery"):
         return False
     callspec = getattr(node, "callspec", None)
     return callspec is None or callspec.params.get("kind") != "redis"

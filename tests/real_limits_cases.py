@@ -10,6 +10,7 @@ Skipped without CELERY_RETRY_REDIS_URL / CELERY_RETRY_AMQP_URL (a failure in CI)
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import threading
@@ -127,7 +128,7 @@ VISIBILITY = {
 
 
 @real_broker
-@pytest.mark.redis_only
+@pytest.mark.holds_no_rabbitmq_delivery
 @pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks-late"])
 def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(acks_late: bool) -> None:
     queue = new_name()
@@ -182,20 +183,33 @@ def rabbitmqctl(expression: str) -> str:
 
 @contextlib.contextmanager
 def rabbit_node_settings(**settings: int) -> Iterator[None]:
-    """Set the running node's ``rabbit`` application settings, and restore them on every path."""
+    """Set the running node's ``rabbit`` application settings, and restore them on every path.
+
+    One ``rabbitmqctl eval`` to read and set them all, one to restore them: each starts an
+    Erlang VM (about half a second) while every other test that uses RabbitMQ waits.
+    """
+    names = list(settings)
     # Exclusively: every other real-broker test waits (tests/conftest.py).
     with rabbitmq_node_lock(exclusive=True):
-        before = {name: rabbitmqctl(f"application:get_env(rabbit, {name}).") for name in settings}
+        read = ", ".join(f"application:get_env(rabbit, {name})" for name in names)
+        change = "".join(
+            f"application:set_env(rabbit, {name}, {value}), " for name, value in settings.items()
+        )
+        # "[{ok,1800000},undefined]": each setting's value, or undefined where it is not set.
+        found = re.findall(r"\{ok,(\d+)\}|undefined", rabbitmqctl(f"B = [{read}], {change}B."))
+        assert len(found) == len(names), found
         try:
-            for name, value in settings.items():
-                rabbitmqctl(f"application:set_env(rabbit, {name}, {value}).")
             yield
         finally:
-            for name, value in before.items():
-                if value == "undefined":
-                    rabbitmqctl(f"application:unset_env(rabbit, {name}).")
-                else:  # "{ok,1800000}"
-                    rabbitmqctl(f"application:set_env(rabbit, {name}, {value[4:-1]}).")
+            rabbitmqctl(
+                " ".join(
+                    f"application:set_env(rabbit, {name}, {value}),"
+                    if value
+                    else f"application:unset_env(rabbit, {name}),"
+                    for name, value in zip(names, found)
+                )
+                + " ok."
+            )
 
 
 def rabbitmq_version() -> tuple[int, ...]:
@@ -365,7 +379,7 @@ def hang_config(app: Any, **transport_options: Any) -> None:
 
 
 @real_broker
-@pytest.mark.redis_only
+@pytest.mark.holds_no_rabbitmq_delivery
 def test_redis_publish_into_a_hang_fails_at_socket_timeout(
     broker_proxy: ProxyFactory, app: Any
 ) -> None:
@@ -397,7 +411,7 @@ def test_redis_publish_into_a_hang_fails_at_socket_timeout(
 
 
 @real_broker
-@pytest.mark.redis_only
+@pytest.mark.holds_no_rabbitmq_delivery
 def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory, app: Any) -> None:
     # socket_connect_timeout bounds the TCP connect only, and broker_connection_timeout does
     # not reach redis-py's reads: kombu's default socket_timeout (None) waits for ever.
@@ -415,6 +429,7 @@ def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory,
 
 
 @real_broker
+@pytest.mark.holds_no_rabbitmq_delivery
 def test_amqp_publish_into_a_hang(broker_proxy: ProxyFactory, app: Any) -> None:
     proxy = broker_proxy("amqp")
     hang_config(app, confirm_publish=True)

@@ -81,6 +81,7 @@ def publish(app: Any, queue: str, **policy: Any) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.holds_no_rabbitmq_delivery
 @pytest.mark.parametrize("how", ["refuse", "reset"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_publish_retried_through_an_outage_arrives_once(
@@ -107,6 +108,7 @@ def test_publish_retried_through_an_outage_arrives_once(
         assert max(record.intervals) == pytest.approx(0.2, abs=0.1), proxy.timeline()
 
 
+@pytest.mark.holds_no_rabbitmq_delivery
 @pytest.mark.parametrize("kind", KINDS)
 def test_publish_past_the_policy_raises_and_nothing_arrives(
     broker_proxy: ProxyFactory, app: Any, kind: str
@@ -128,6 +130,7 @@ def test_publish_past_the_policy_raises_and_nothing_arrives(
     assert took < 3
 
 
+@pytest.mark.holds_no_rabbitmq_delivery
 @pytest.mark.parametrize("retry", [True, False], ids=["retry", "no-retry"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_publish_after_a_blip(broker_proxy: ProxyFactory, app: Any, kind: str, retry: bool) -> None:
@@ -159,6 +162,7 @@ def test_publish_after_a_blip(broker_proxy: ProxyFactory, app: Any, kind: str, r
         assert arrived == 1, proxy.timeline()
 
 
+@pytest.mark.holds_no_rabbitmq_delivery
 def test_amqp_without_confirms_loses_a_publish_on_a_dropped_connection(
     broker_proxy: ProxyFactory, app: Any
 ) -> None:
@@ -310,7 +314,7 @@ def unacked_in_redis(task_id: str, queue: str) -> bool:
         client.close()
 
 
-@pytest.mark.redis_only
+@pytest.mark.holds_no_rabbitmq_delivery
 def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     broker_proxy: ProxyFactory, app: Any
 ) -> None:
@@ -348,7 +352,7 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     assert runs[1] == pytest.approx(6, abs=SWEEP_SLACK), (runs, proxy.timeline())
 
 
-@pytest.mark.redis_only
+@pytest.mark.holds_no_rabbitmq_delivery
 def test_redis_holds_back_an_eta_message_a_lost_connection_held(
     broker_proxy: ProxyFactory, app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -472,6 +476,7 @@ REAL_ERRORS: dict[tuple[str, str], type[BaseException]] = {
 }
 
 
+@pytest.mark.holds_no_rabbitmq_delivery
 @pytest.mark.parametrize("kind", KINDS)
 def test_real_transport_errors_match_the_flaky_broker_flavour(
     broker_proxy: ProxyFactory, kind: str
@@ -526,7 +531,7 @@ def test_real_transport_errors_match_the_flaky_broker_flavour(
         assert isinstance(error, recoverable), (error, recoverable)
 
 
-@pytest.mark.redis_only
+@pytest.mark.holds_no_rabbitmq_delivery
 def test_threads_and_connections_are_gone_after_the_test(broker_proxy: ProxyFactory) -> None:
     proxy = broker_proxy("redis")
     proxy.close()
