@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -86,16 +87,23 @@ class VirtualClock:
     def start(self) -> VirtualClock:
         if self._freezer is not None:
             return self
-        from freezegun.api import freeze_time, tz_offsets
+        from freezegun import api, config
 
-        # pytest times its own phases: give it real time, or --durations reports nonsense.
-        self._freezer = freeze_time(self.started_at, tick=False, ignore=["_pytest."])
-        with _modules_seen_before():
-            self._frozen = self._freezer.start()
-        _give_the_tests_own_code_virtual_time()
-        self._offset_slot = len(tz_offsets) - 1  # this freeze's entry in freezegun's stack
+        # freezegun's start() would look at every loaded module for time functions to patch;
+        # _patch_modules does that from a cheaper cache, so freezegun's own pass looks at none
+        # (every name starts with "").
+        self._freezer = api.freeze_time(self.started_at, tick=False, ignore=[""])
+        self._frozen = self._freezer.start()
+        # pytest times its own phases: its modules keep their real time functions, or
+        # --durations reports nonsense. freezegun's stop() skips these among the modules
+        # imported while the clock ran, and restores the time functions of the others.
+        skip = ("_pytest.", *config.settings.default_ignore_list)
+        self._freezer.ignore = skip
+        api.ignore_lists[-1] = _real_time_callers(skip)
+        self._offset_slot = len(api.tz_offsets) - 1  # this freeze's entry in freezegun's stack
         self._follow_local_offset()
-        self._patch_sleeps()
+        # A freezer of the test's own that was running already has patched the modules.
+        self._patch_modules(skip if len(api.freeze_factories) == 1 else None)
         return self
 
     def stop(self) -> None:
@@ -231,17 +239,51 @@ class VirtualClock:
         if self._frozen is None:
             raise UsageError("the virtual clock is not running: use it inside the fixture's test")
 
-    def _patch_sleeps(self) -> None:
-        # One pass over the loaded modules; a module imported later with ``from time import
-        # sleep`` takes the patched time.sleep, and gets the real one back at stop().
-        patches: list[tuple[Any, Any]] = [(time, self._thread_sleep)]
+    def _patch_modules(self, skip: tuple[str, ...] | None) -> None:
+        """freezegun's pass over the loaded modules and the sleeps' pass, in one.
+
+        Each module's real time functions (``from time import time``) become freezegun's
+        fakes, as its start() would make them (modules starting with ``skip`` excepted; none
+        without ``skip``), and go on its list of changes, which its stop() undoes. Each
+        module's ``sleep`` becomes a stand-in; a module imported later with ``from time import
+        sleep`` takes the patched time.sleep, and gets the real one back at stop().
+        """
+        from freezegun import api
+
+        freezer = self._freezer
+        fakes: dict[int, Any] = {}
+        if skip is not None:
+            # freezegun's own pairs: its start() maps each fake to the real object it replaces.
+            for fake in (getattr(api, name) for name in freezer.fake_names):
+                fakes[id(freezer.reals[id(fake)])] = fake
+        seen = _seen_modules.get(skip)
+        if seen is None:  # freezegun's ignore list changed: look at every module again
+            _seen_modules.clear()
+            seen = _seen_modules[skip] = {}
+        undo = freezer.undo_changes
+        sleeps: list[tuple[Any, Any]] = [(time, self._thread_sleep)]
         for name, module in list(sys.modules.items()):
-            if module is None or module is time or name.startswith(_SLEEP_IGNORE_PREFIXES):
-                continue
-            if _own_attribute(module, "sleep") is _REAL_SLEEP:
-                library = name.startswith(_SLEEP_PATCH_PREFIXES)
-                patches.append((module, self.sleep if library else self._thread_sleep))
-        for module, stand_in in patches:
+            namespace: Any = getattr(module, "__dict__", None)
+            known = seen.get(id(module))
+            # The same module, its namespace neither grown nor shrunk and still ending with the
+            # same name: the same names as last time (import and assignment add names at the
+            # end), so the same answer. Anything else is looked at again.
+            if (
+                known is None
+                or known.module() is not module
+                or known.size != len(namespace)
+                or known.last != next(reversed(namespace), None)
+            ):
+                known = _look_at(name, module, namespace, skip, seen)
+            if fakes:
+                for attribute, value in known.time_functions:
+                    fake = fakes.get(id(value))
+                    if fake is not None:
+                        setattr(module, attribute, fake)
+                        undo.append((module, attribute, value))
+            if known.sleeps is not None and _own_attribute(module, "sleep") is _REAL_SLEEP:
+                sleeps.append((module, self.sleep if known.sleeps else self._thread_sleep))
+        for module, stand_in in sleeps:
             self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
             module.sleep = stand_in
         self._modules_at_start = set(sys.modules)
@@ -273,47 +315,70 @@ def _own_attribute(module: Any, name: str) -> Any:
     return getattr(module, name, None)
 
 
-# Per module (by identity: freezegun's cache goes by ``__name__``, which ``io`` and ``_io``,
-# ``collections.abc`` and ``_collections_abc`` share): the size and last name of its namespace
-# when freezegun last listed its time functions, and that list.
-_seen_modules: dict[int, tuple[weakref.ref[Any], int, Any, list[tuple[str, Any]]]] = {}
+@dataclass(frozen=True)
+class _SeenModule:
+    """What the clock found in a module, and the namespace's shape when it looked."""
+
+    module: Callable[[], Any]  # a weak reference
+    size: int
+    last: Any
+    # freezegun's list of its attributes that are time functions (empty where freezegun
+    # leaves the module alone).
+    time_functions: list[tuple[str, Any]]
+    # Whether it has a ``sleep`` of its own for a stand-in: None if not (or left alone), True
+    # for kombu's and Celery's (which always move the clock), False for the others.
+    sleeps: bool | None
 
 
-@contextmanager
-def _modules_seen_before() -> Iterator[None]:
-    """While freezegun starts, answer its per-module question from a cheaper cache.
+# By freezegun's ignore list, then by module identity (freezegun's own cache goes by
+# ``__name__``, which ``io`` and ``_io``, ``collections.abc`` and ``_collections_abc`` share).
+_seen_modules: dict[tuple[str, ...] | None, dict[int, _SeenModule]] = {}
 
-    freezegun's start() asks every loaded module (over 500 with Celery) which of its
-    attributes are time functions, and checks its own cache of the answer with ``dir()`` of
-    the module and a hash of all its names: about 3 ms per test. A module whose namespace has
-    neither grown nor shrunk, and still ends with the same name, has the names freezegun saw
-    (``import`` and assignment add names at the end), so its answer stands; any other module
-    is asked the way freezegun asks it. Only inside this start: a ``freeze_time`` of the
-    test's own keeps freezegun's cache as it is.
+
+def _look_at(
+    name: str,
+    module: Any,
+    namespace: Any,
+    skip: tuple[str, ...] | None,
+    seen: dict[int, _SeenModule],
+) -> _SeenModule:
+    """Look at a module the clock has not seen with this namespace, and remember it.
+
+    The time functions are freezegun's answer, asked the way its start() asks (and with its
+    checks of which modules to leave alone); freezegun checks its own cache of the answer with
+    ``dir()`` of the module and a hash of all its names, about 3 ms per test for the 500
+    modules loaded with Celery, so it is asked only here. That also keeps its cache up to date
+    for a ``freeze_time`` of the test's own.
     """
     from freezegun import api
 
-    ask = api._get_cached_module_attributes
-
-    def cached(module: Any) -> list[tuple[str, Any]]:
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            return ask(module)
-        shape = (len(namespace), next(reversed(namespace), None))
-        seen = _seen_modules.get(id(module))
-        if seen is not None and seen[0]() is module and seen[1:3] == shape:
-            return seen[3]
-        attributes: list[tuple[str, Any]] = ask(module)
-        # Something that is no module and takes no weak reference is asked every time.
-        with suppress(TypeError):
-            _seen_modules[id(module)] = (weakref.ref(module), *shape, attributes)
-        return attributes
-
-    api._get_cached_module_attributes = cached
-    try:
-        yield
-    finally:
-        api._get_cached_module_attributes = ask
+    time_functions: list[tuple[str, Any]] = []
+    if (
+        module is not None
+        and skip is not None
+        and not name.startswith(skip)
+        and not name.endswith(".six.moves")
+        and name != api.__name__
+        and getattr(module, "__name__", None) not in (None, "datetime", "time")
+    ):
+        with warnings.catch_warnings():  # as freezegun lists them: some attributes warn
+            warnings.simplefilter("ignore")
+            time_functions = api._get_cached_module_attributes(module)
+    sleeps = None
+    if not (
+        module is None
+        or module is time
+        or name.startswith(_SLEEP_IGNORE_PREFIXES)
+        or _own_attribute(module, "sleep") is None
+    ):
+        sleeps = name.startswith(_SLEEP_PATCH_PREFIXES)
+    if not isinstance(namespace, dict):  # no namespace to compare: looked at every time
+        return _SeenModule(lambda: None, -1, None, time_functions, sleeps)
+    known = _SeenModule(
+        weakref.ref(module), len(namespace), next(reversed(namespace), None), time_functions, sleeps
+    )
+    seen[id(module)] = known
+    return known
 
 
 # pytest's modules that call the test's own code: test functions, fixtures and their
@@ -321,26 +386,30 @@ def _modules_seen_before() -> Iterator[None]:
 _CALLERS_OF_TEST_CODE = frozenset(
     ("_pytest.python", "_pytest.fixtures", "_pytest.runner", "_pytest.unittest")
 )
+_callers_cache: dict[tuple[tuple[str, ...], int], tuple[str, ...]] = {}
 
 
-def _give_the_tests_own_code_virtual_time() -> None:
-    """Real time only for pytest's own reads, not for the test's.
+def _real_time_callers(skip: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules whose calls freezegun answers with real time: pytest's own, not the test's.
 
     freezegun gives real time to any call made within five frames of an ignored module, and
-    pytest's frames sit right under the test function: ``time.time()`` in a test or a fixture
-    was real. The freezer just started still skips every ``_pytest.`` module when it patches
-    (their own time functions stay real), but its stack check now names every loaded pytest
-    module except those that call the test's code (and, as before, freezegun's defaults:
-    ``threading``, ``queue``, ...).
+    pytest's frames sit right under the test function: with ``_pytest.`` there, ``time.time()``
+    in a test or a fixture would be real. So every loaded pytest module is named except those
+    that call the test's code, beside freezegun's other defaults (``threading``, ``queue``,
+    ...). Remembered while the number of loaded modules stays the same.
     """
-    from freezegun import api
-
-    others = tuple(prefix for prefix in api.ignore_lists[-1] if not prefix.startswith("_pytest."))
-    api.ignore_lists[-1] = others + tuple(
-        name
-        for name in sys.modules
-        if name.startswith("_pytest.") and name not in _CALLERS_OF_TEST_CODE
-    )
+    key = (skip, len(sys.modules))
+    callers = _callers_cache.get(key)
+    if callers is None:
+        _callers_cache.clear()
+        callers = _callers_cache[key] = tuple(
+            prefix for prefix in skip if not prefix.startswith("_pytest.")
+        ) + tuple(
+            name
+            for name in sys.modules
+            if name.startswith("_pytest.") and name not in _CALLERS_OF_TEST_CODE
+        )
+    return callers
 
 
 def _fix_aware_now() -> Callable[[], None]:
