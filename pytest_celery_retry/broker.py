@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from queue import Queue
-from typing import Any
+from typing import Any, NamedTuple
 
 from kombu import serialization
 from kombu.exceptions import OperationalError
@@ -119,7 +119,7 @@ class InMemoryBroker:
         self.exchange_state = virtual.BrokerState()
         self.operations: list[BrokerOperation] = []
         self.publishes: list[PublishRecord] = []
-        self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
+        self._deliveries: list[_Delivery] = []
         # Each unacknowledged message the broker took back.
         self.redeliveries: list[Redelivery] = []
         # redis flavour: each message a lost connection had not acknowledged while Redis was
@@ -245,9 +245,9 @@ class InMemoryBroker:
         ``since`` skips the first deliveries (see :attr:`delivery_count`).
         """
         return [
-            _decode(q, t, payload, self.clock)
-            for q, t, payload in self._deliveries[since:]
-            if queue is None or q == queue
+            _decode(delivery, self.clock)
+            for delivery in self._deliveries[since:]
+            if queue is None or delivery.queue == queue
         ]
 
     @property
@@ -431,7 +431,18 @@ class InMemoryBroker:
         return current
 
     def _record_delivery(self, queue: str, message: dict[str, Any]) -> None:
-        self._deliveries.append((queue, self.clock.elapsed, message))
+        properties = message.get("properties") or {}
+        self._deliveries.append(
+            _Delivery(
+                queue,
+                self.clock.elapsed,
+                message.get("headers") or {},
+                message["body"],
+                message["content-type"],
+                message["content-encoding"],
+                properties.get("body_encoding") == "base64",
+            )
+        )
         if self.publishes:
             self.publishes[-1].delivered = True
         self._announced.delivered()
@@ -507,12 +518,29 @@ def _error_factory(exc: BaseException | type[BaseException] | None) -> Exception
     raise UsageError(f"exc={exc!r}: pass an exception instance or class")
 
 
-def _decode(queue: str, t: float, payload: dict[str, Any], clock: VirtualClock) -> DeliveredMessage:
-    body: Any = payload["body"]
-    if payload.get("properties", {}).get("body_encoding") == "base64":
+class _Delivery(NamedTuple):
+    """A message the broker accepted, as kombu handed it over, less what no record shows.
+
+    kombu's ``properties`` (delivery info and tag, priority, reply-to, ...) are a third of a
+    message's memory, and only their ``body_encoding`` is needed, to decode the body.
+    """
+
+    queue: str
+    t: float
+    headers: dict[str, Any]
+    body: Any
+    content_type: str
+    content_encoding: str
+    base64: bool
+
+
+def _decode(delivery: _Delivery, clock: VirtualClock) -> DeliveredMessage:
+    queue, t = delivery.queue, delivery.t
+    body: Any = delivery.body
+    if delivery.base64:
         body = base64.b64decode(body)
-    decoded = serialization.loads(body, payload["content-type"], payload["content-encoding"])
-    headers = dict(payload.get("headers") or {})
+    decoded = serialization.loads(body, delivery.content_type, delivery.content_encoding)
+    headers = dict(delivery.headers)
     if isinstance(decoded, dict) and "task" in decoded:  # task protocol 1
         headers = {**headers, **decoded}
         args, kwargs = decoded.get("args", ()), decoded.get("kwargs", {})
