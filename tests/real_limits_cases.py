@@ -10,6 +10,7 @@ Skipped without CELERY_RETRY_REDIS_URL / CELERY_RETRY_AMQP_URL (a failure in CI)
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import re
 import shutil
 import subprocess
@@ -517,6 +518,19 @@ def delayed_delivery_exists() -> bool:
     return True
 
 
+# Celery's delayed-delivery exchanges and queues have fixed names, shared by every run on the
+# node: one run deleting them while another's retry waits in them loses that retry (seen with
+# two suites at once on one machine). Runs on this machine take turns.
+DELAYED_DELIVERY_LOCK = "/tmp/pytest-celery-retry-delayed-delivery.lock"
+
+
+@contextlib.contextmanager
+def delayed_delivery_to_ourselves() -> Iterator[None]:
+    with open(DELAYED_DELIVERY_LOCK, "a") as lock:  # closing it releases the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def delete_delayed_delivery() -> None:
     from kombu import Connection
 
@@ -560,18 +574,19 @@ def test_quorum_queue_countdown_goes_through_celery_delayed_queues() -> None:
             errors.append(exc)
             raise
 
-    shared = delayed_delivery_exists()  # someone else's: leave it
-    try:
-        with recording(app, countdown=1.5) as recorder, start_worker(app, queue):
-            recorder.started = time.monotonic()
-            app.tasks["waits"].apply_async()
-            too_short.apply_async()
-            assert wait_until(lambda: len(recorder.runs) == 2, 6), recorder.received
-            time.sleep(0.5)
-    finally:
-        forget("amqp", queue)
-        if not shared:
-            delete_delayed_delivery()
+    with delayed_delivery_to_ourselves():
+        shared = delayed_delivery_exists()  # someone else's: leave it
+        try:
+            with recording(app, countdown=1.5) as recorder, start_worker(app, queue):
+                recorder.started = time.monotonic()
+                app.tasks["waits"].apply_async()
+                too_short.apply_async()
+                assert wait_until(lambda: len(recorder.runs) == 2, 6), recorder.received
+                time.sleep(0.5)
+        finally:
+            forget("amqp", queue)
+            if not shared:
+                delete_delayed_delivery()
     # The retry left through celery_delayed_27 with its countdown, truncated to whole seconds,
     # in the routing key; it was dead-lettered level by level and came back after 1 s, not
     # held by the worker; the worker then held the rest of its ETA.
