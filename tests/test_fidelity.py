@@ -21,7 +21,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
@@ -46,6 +46,11 @@ COUNTDOWN_DIGITS = 1
 # Attempt start times (in cases that compare them) likewise: the real worker's timer fires a
 # few milliseconds late, and every time compared is a multiple of 0.1 s.
 START_DIGITS = 1
+# ... and on a busy machine (four test processes on two cores, other runs beside them) it was
+# seen up to 60 ms late, which rounds a tenth away. Starts are counted from the first
+# attempt's, so a late first start makes the later ones look early: one tenth either way is
+# on time. Every start a case compares is whole seconds or tenths apart from the next.
+LATE_TIMER = 0.1
 # How long the real worker may take for one case before the test gives up on it.
 REAL_RUN_TIMEOUT = 30.0
 # The real worker's idle cycle. Celery's synloop checks its shutdown flag once per cycle, and
@@ -290,6 +295,16 @@ def attempt_starts(times: list[float], case: Case) -> tuple[float, ...] | None:
     if not case.timed:
         return None
     return tuple(round(t - times[0], START_DIGITS) for t in times)
+
+
+def on_time(real: Record, virtual: Record) -> Record:
+    """The real record, with its attempt starts taken as the virtual ones where each is within
+    a late timer's ``LATE_TIMER`` of it."""
+    if real.starts is None or virtual.starts is None or len(real.starts) != len(virtual.starts):
+        return real
+    if all(abs(r - v) <= LATE_TIMER + 1e-9 for r, v in zip(real.starts, virtual.starts)):
+        return replace(real, starts=virtual.starts)
+    return real
 
 
 def message_record(
@@ -627,4 +642,4 @@ def test_retry_worker_records_what_a_real_worker_does(
     virtual = virtual_record(case, app, task, retry_worker, broker)
     # Equal records could also mean an outage that hit neither side: it must have hit.
     assert real.refused_publishes == (case.outage.refusals if case.outage else 0)
-    assert virtual == real
+    assert virtual == on_time(real, virtual)
