@@ -122,9 +122,16 @@ class InMemoryBroker:
         self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
         # Each unacknowledged message the broker took back.
         self.redeliveries: list[Redelivery] = []
-        # redis flavour: each message a lost connection had not acknowledged while Redis was
-        # down, waiting for a visibility sweep.
-        self.unacked: list[UnackedMessage] = []
+        # Each message delivered and not yet acknowledged, by delivery tag (a copy the broker
+        # restored and delivered again has its tag): held by a consumer, or, on Redis, left in
+        # its ``unacked`` hash by a connection lost while Redis was down.
+        self._unacked: dict[Any, UnackedMessage] = {}
+        # RabbitMQ closes a channel that holds a delivery longer than this (seconds, None:
+        # never), checking on each channel tick.
+        self._consumer_timeout: float | None = flavors.CONSUMER_TIMEOUT
+        self._channel_tick_interval = flavors.CHANNEL_TICK_INTERVAL
+        # The app the broker is installed on (its transport options), once installed.
+        self.app: Any = None
         self._faults: list[_Fault] = []
         self._down = False
         self._down_since = 0.0  # when down() began, for BrokerDownError
@@ -216,6 +223,56 @@ class InMemoryBroker:
             and self._down_from <= self.clock.elapsed < self._down_until
         )
 
+    # -- limits on held messages ------------------------------------------------------------
+    @property
+    def consumer_timeout(self) -> float | None:
+        """RabbitMQ's ``consumer_timeout`` in seconds (30 min by default; None: no limit)."""
+        return self._consumer_timeout
+
+    @consumer_timeout.setter
+    def consumer_timeout(self, seconds: float | None) -> None:
+        self._check_rabbitmq_setting("consumer_timeout", seconds, "1800 (RabbitMQ's 30 min)")
+        if seconds is not None and (not is_finite_number(seconds) or seconds <= 0):
+            raise UsageError(
+                f"consumer_timeout={seconds!r}: RabbitMQ's consumer_timeout is a positive number "
+                "of seconds (1800 by default), or None for a broker without the limit"
+            )
+        self._consumer_timeout = None if seconds is None else float(seconds)
+
+    @property
+    def channel_tick_interval(self) -> float:
+        """How often RabbitMQ checks ``consumer_timeout`` (seconds; 60 by default)."""
+        return self._channel_tick_interval
+
+    @channel_tick_interval.setter
+    def channel_tick_interval(self, seconds: float) -> None:
+        self._check_rabbitmq_setting("channel_tick_interval", seconds, "60")
+        if not is_finite_number(seconds) or seconds <= 0:
+            raise UsageError(
+                f"channel_tick_interval={seconds!r}: RabbitMQ's channel tick is a positive "
+                "number of seconds (60 by default)"
+            )
+        self._channel_tick_interval = float(seconds)
+
+    def _check_rabbitmq_setting(self, name: str, value: object, example: str) -> None:
+        if name not in self.rules.broker_settings:
+            raise UsageError(
+                f"{name}={value!r} is a RabbitMQ setting, and this broker is of the "
+                f"{self.flavor} flavour, which has no {name} (Redis's limit on a held message is "
+                "the app's broker_transport_options['visibility_timeout']). Choose "
+                f"celery_retry_flavor='pyamqp' for RabbitMQ, e.g. with {name}={example}"
+            )
+
+    @property
+    def unacked(self) -> list[UnackedMessage]:
+        """Every message delivered and not yet acknowledged, oldest delivery first.
+
+        Those a worker holds (waiting for their ETA, or running), and on Redis those a
+        connection lost while Redis was down left in its ``unacked`` hash until a visibility
+        sweep.
+        """
+        return sorted(self._unacked.values(), key=lambda entry: entry.delivered_at)
+
     def suspend_faults(self) -> _Suspended:
         """Context manager: operations inside succeed and are not counted against faults."""
         return _Suspended(self)
@@ -298,15 +355,20 @@ class InMemoryBroker:
         # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
         self._fail_if_faulty("ack", client, None)
 
-    def on_restore(self, message: Any, delivered_at: float | None) -> bool:
+    def on_deliver(self, message: Any) -> None:
+        self._unacked[message.delivery_tag] = UnackedMessage(self.clock.elapsed, message)
+
+    def on_acked(self, delivery_tag: Any) -> None:
+        self._unacked.pop(delivery_tag, None)
+
+    def on_restore(self, message: Any) -> bool:
         if self.rules.parks_unacked_while_down and self.is_down:
             # The message stays in the ``unacked`` hash until a visibility sweep finds it.
-            self.unacked.append(
-                UnackedMessage(
-                    self.clock.elapsed if delivered_at is None else delivered_at, message
-                )
+            self._unacked.setdefault(
+                message.delivery_tag, UnackedMessage(self.clock.elapsed, message)
             )
             return False
+        self._unacked.pop(message.delivery_tag, None)
         self._record_redelivery(message)
         return True
 
@@ -371,18 +433,6 @@ class InMemoryBroker:
             # A worker's ack goes over its own pooled connection; its reading one stays cut.
             return None
         return self.rules.closed_by_broker_error(self.address)
-
-    def restore_visible(self, channel: Any, delivered_by: float) -> int:
-        """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.
-
-        Returns how many it restored.
-        """
-        visible = [entry for entry in self.unacked if entry.delivered_at <= delivered_by]
-        self.unacked = [entry for entry in self.unacked if entry.delivered_at > delivered_by]
-        # kombu walks the unacked index newest first (ZRANGE ... REV).
-        for entry in sorted(visible, key=lambda entry: entry.delivered_at, reverse=True):
-            channel._restore(entry.message)
-        return len(visible)
 
     @property
     def next_outage_start(self) -> float | None:

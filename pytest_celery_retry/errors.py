@@ -12,6 +12,7 @@ __all__ = [
     "ConfigurationError",
     "EndlessRetryError",
     "UsageError",
+    "WorkerStoppedError",
     "is_finite_number",
     "is_number",
     "is_whole_number",
@@ -29,6 +30,10 @@ class UsageError(CeleryRetryError, ValueError):
 
 class EndlessRetryError(CeleryRetryError):
     """A task kept retrying past the attempt limit: probably ``max_retries=None`` forever."""
+
+
+class WorkerStoppedError(CeleryRetryError):
+    """The worker stopped as a real one would ("Unrecoverable error"): the message says why."""
 
 
 class ConfigurationError(CeleryRetryError):

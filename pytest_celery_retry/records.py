@@ -97,6 +97,11 @@ class Attempt:
     ack_failed: bool = False
     # Virtual seconds the worker held its message back for the task's rate_limit.
     rate_limit_hold: float = 0.0
+    # Its message came marked redelivered: the broker had taken it back and delivered it again.
+    redelivered: bool = False
+    # The number of an earlier attempt that already ran the same retry: this run is a
+    # duplicate (a copy a visibility sweep restored, or a message whose ack was lost).
+    duplicate_of: int | None = None
     note: str = ""
 
     @property
@@ -121,6 +126,9 @@ class TaskRun:
     seed: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
     lost: bool = False
+    # What the broker did to its messages held past a limit (a visibility sweep restoring
+    # one, RabbitMQ closing the channel for consumer_timeout), in the order it happened.
+    limit_events: list[MessageEvent] = field(default_factory=list)
 
     @property
     def countdowns(self) -> list[float]:
@@ -131,6 +139,11 @@ class TaskRun:
     def retries(self) -> int:
         """How many retries were scheduled (retry messages published)."""
         return sum(1 for a in self.attempts if a.retry_published)
+
+    @property
+    def duplicates(self) -> list[Attempt]:
+        """The attempts that ran a retry an earlier attempt had already run."""
+        return [a for a in self.attempts if a.duplicate_of is not None]
 
     @property
     def last(self) -> Attempt | None:
@@ -187,10 +200,19 @@ class TaskRun:
         if any(a.note for a in self.attempts):
             headers.append("note")
         table = format_table(headers, rows)
+        start = self.attempts[0].t if self.attempts else 0.0
+        limits = [f"  t={e.t - start:+.3f}s  {e.action}: {e.detail}" for e in self.limit_events]
+        if limits:
+            table += "\nbroker limits:\n" + "\n".join(limits)
         summary = (
             f"final: {self.state} after {len(self.attempts)} attempt(s), {self.retries} "
             f"retr{'y' if self.retries == 1 else 'ies'}, {self.elapsed:g} s of virtual time"
         )
+        if self.duplicates:
+            summary += (
+                f" -- {len(self.duplicates)} DUPLICATE run(s): attempt(s) "
+                f"{', '.join(str(a.number) for a in self.duplicates)} ran a retry again"
+            )
         if self.lost:
             summary += " -- the task is LOST: its retry message never reached the broker"
         return f"{title}\n{_indent(table)}\n{summary}"

@@ -123,6 +123,7 @@ class RetrySession:
             finally:
                 broker.close()
             raise
+        broker.app = app
         installed = AppInstallation(app, patch, broker)
         self.installations[id(app)] = installed
         return installed

@@ -17,7 +17,7 @@ from kombu.transport import TRANSPORT_ALIASES, memory, virtual
 
 from .clock import VirtualClock
 from .errors import UsageError
-from .flavors import Flavor
+from .flavors import INSTALLED_SCHEME_PREFIX, Flavor
 
 __all__ = ["CONSUMER_ROLE_OPTION", "Broker", "Client", "attach", "detach"]
 
@@ -54,30 +54,32 @@ class Broker(Protocol):
     def on_settle(self, client: Client) -> None:
         """Raise the ack's (or reject's) fault, if any."""
 
-    def on_restore(self, message: Any, delivered_at: float | None) -> bool:
+    def on_deliver(self, message: Any) -> None:
+        """A consumer received ``message``: it is unacknowledged from now on."""
+
+    def on_acked(self, delivery_tag: Any) -> None:
+        """The consumer acknowledged (or rejected) the message ``delivery_tag``."""
+
+    def on_restore(self, message: Any) -> bool:
         """Whether an unacknowledged message goes back to its queue now (else it is parked)."""
 
 
 class _QoS(virtual.QoS):
-    """kombu's QoS, noting when each unacknowledged message was delivered (redis needs it)."""
+    """kombu's QoS, telling the broker what is delivered and not yet acknowledged."""
 
     channel: _Channel
 
-    def __init__(self, channel: _Channel, prefetch_count: int = 0) -> None:
-        super().__init__(channel, prefetch_count)
-        self.delivered_at: dict[Any, float] = {}
-
     def append(self, message: Any, delivery_tag: Any) -> None:
         super().append(message, delivery_tag)
-        self.delivered_at[delivery_tag] = self.channel.connection.broker.clock.elapsed
+        self.channel.connection.broker.on_deliver(message)
 
     def ack(self, delivery_tag: Any) -> None:
         super().ack(delivery_tag)
-        self.delivered_at.pop(delivery_tag, None)
+        self.channel.connection.broker.on_acked(delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         super().reject(delivery_tag, requeue=requeue)
-        self.delivered_at.pop(delivery_tag, None)
+        self.channel.connection.broker.on_acked(delivery_tag)
 
 
 class _Channel(memory.Channel):
@@ -107,8 +109,7 @@ class _Channel(memory.Channel):
         # Returning an unacknowledged message to its queue is the broker's own doing (the
         # consumer rejected it or its connection closed): not a publish that can fail, and
         # not a new delivery.
-        delivered_at = self.qos.delivered_at.pop(message.delivery_tag, None)
-        if not self.connection.broker.on_restore(message, delivered_at):
+        if not self.connection.broker.on_restore(message):
             return
         self._restoring = True
         try:
@@ -117,7 +118,14 @@ class _Channel(memory.Channel):
             self._restoring = False
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        if not self._restoring:
+        if self._restoring:
+            # Both real brokers deliver a message they took back with delivery_info's
+            # ``redelivered`` set (kombu's memory transport marks only the payload). A copy:
+            # the properties are those of the message a worker may still hold.
+            properties = message["properties"]
+            delivery_info = {**properties.get("delivery_info", {}), "redelivered": True}
+            message = {**message, "properties": {**properties, "delivery_info": delivery_info}}
+        else:
             self.connection.broker.on_publish(self.connection, queue, message)
         super()._put(queue, message, **kwargs)
 
@@ -173,7 +181,7 @@ def detach(name: str) -> None:
 
 def _scheme(flavor: Flavor) -> str:
     """The URL scheme of the flavour's transport, registered with kombu on first use."""
-    scheme = f"celery-retry-{flavor.name}"
+    scheme = f"{INSTALLED_SCHEME_PREFIX}{flavor.name}"
     if flavor.name not in _transports:
         transport = _transports[flavor.name] = _flavored_transport(flavor)
         globals()[f"_{flavor.name}_transport"] = transport

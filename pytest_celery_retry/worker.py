@@ -34,7 +34,14 @@ from .app_state import check_retry_policy
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
-from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
+from .errors import (
+    EndlessRetryError,
+    UsageError,
+    WorkerStoppedError,
+    is_finite_number,
+    is_number,
+    is_whole_number,
+)
 from .records import (
     Attempt,
     AttemptOutcome,
@@ -281,9 +288,16 @@ class RetryWorker:
                 raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
         consumer = self._consumer(installed)
         while True:
-            if until is not None and self._finished(until):
+            if until is not None and self._finished(until) and not consumer.holds(until):
                 return
-            consumer.fetch()
+            try:
+                consumer.fetch()
+            except WorkerStoppedError as stopped:
+                # A worker started again is a new consumer, as a restarted process is.
+                del self._consumers[id(installed.app)]
+                raise WorkerStoppedError(f"{stopped}\n\n{self._limit_timelines()}") from (
+                    stopped.__cause__
+                )
             request = consumer.next_request()
             if request is None:
                 if consumer.wait_for_work():
@@ -295,6 +309,10 @@ class RetryWorker:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
             self._execute(request, run, consumer)
+
+    def _limit_timelines(self) -> str:
+        """The timelines of the runs whose messages crossed a broker limit."""
+        return "\n\n".join(run.timeline() for run in self.runs.values() if run.limit_events)
 
     def _finished(self, task_id: str) -> bool:
         """A task is over once an attempt ended without scheduling another one."""
@@ -319,6 +337,17 @@ class RetryWorker:
             retries=int(headers.get("retries") or 0),
             started_at=self.clock.now(),
             t=self.clock.elapsed,
+            redelivered=bool((request.delivery_info or {}).get("redelivered")),
+        )
+        attempt.duplicate_of = next(
+            (
+                earlier.number
+                for earlier in run.attempts
+                if earlier.retries == attempt.retries
+                and earlier.outcome != "worker-lost"
+                and not earlier.requeued
+            ),
+            None,
         )
         if run.attempts:
             _drop_tracebacks(run.attempts[-1])
@@ -368,6 +397,9 @@ class RetryWorker:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
+        if attempt.duplicate_of is not None:
+            note = f"duplicate: attempt {attempt.duplicate_of} ran this retry already"
+            attempt.note = f"{attempt.note}; {note}" if attempt.note else note
 
     @staticmethod
     def _record_reports(attempt: Attempt, reports: _Reports) -> None:
@@ -456,7 +488,7 @@ class RetryWorker:
         consumer = self._consumers.get(id(installed.app))
         if consumer is None:
             consumer = self._consumers[id(installed.app)] = Consumer(
-                installed, self.events, self._on_settled
+                installed, self.events, self._on_settled, self._on_limit
             )
         return consumer
 
@@ -474,6 +506,12 @@ class RetryWorker:
             reports.requeued = True
         elif action.endswith(" failed"):
             reports.failed_settlement = action[: -len(" failed")]
+
+    def _on_limit(self, event: MessageEvent) -> None:
+        """The consumer's callback: the broker acted on a message held past its limit."""
+        run = self.runs.get(event.task_id)
+        if run is not None:
+            run.limit_events.append(event)
 
     def _on_postrun(
         self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
