@@ -26,6 +26,7 @@ from .errors import (  # noqa: E402
     ConfigurationError,
     EndlessRetryError,
     UsageError,
+    WorkerStoppedError,
 )
 from .records import (  # noqa: E402
     Attempt,
@@ -85,6 +86,7 @@ __all__ = [
     "UnackedMessage",
     "UsageError",
     "VirtualClock",
+    "WorkerStoppedError",
     "__version__",
     "assert_backoff",
     "assert_not_retried",
