@@ -16,6 +16,7 @@ pytest.register_assert_rewrite("pytest_celery_retry.assertions")
 
 from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_backoff,
+    assert_fits_broker_limits,
     assert_not_retried,
     assert_publish_retries,
     assert_retried,
@@ -89,6 +90,7 @@ __all__ = [
     "WorkerStoppedError",
     "__version__",
     "assert_backoff",
+    "assert_fits_broker_limits",
     "assert_not_retried",
     "assert_publish_retries",
     "assert_retried",

@@ -288,6 +288,9 @@ class HeldLimit(Protocol):
     def verdict(self, countdown: float, app: Any) -> str | None:
         """What production does to a retry waiting ``countdown`` s; None when it fits."""
 
+    def advice(self) -> str:
+        """How to make a retry schedule fit."""
+
 
 @dataclass(frozen=True)
 class VisibilityTimeout:
@@ -405,6 +408,12 @@ class VisibilityTimeout:
             "(celery#2481)"
         )
 
+    def advice(self) -> str:
+        return (
+            "raise broker_transport_options['visibility_timeout'] above the longest countdown "
+            "(on every app and worker of that Redis), or keep countdowns below it"
+        )
+
 
 @dataclass(frozen=True)
 class ConsumerTimeout:
@@ -513,6 +522,12 @@ class ConsumerTimeout:
             f"{limit} at {times}; with broker_channel_error_retry=True the worker reconnects "
             "each time, RabbitMQ redelivers the message, and the retry runs once at its ETA "
             "(redelivered=True)"
+        )
+
+    def advice(self) -> str:
+        return (
+            "raise RabbitMQ's consumer_timeout (rabbitmq.conf) above the longest countdown, or "
+            "keep countdowns below it; broker_channel_error_retry=True keeps the worker alive"
         )
 
 
