@@ -24,17 +24,16 @@ needs_sweep_options = pytest.mark.skipif(
 )
 
 
-def waits_app(countdown: float, **config: Any) -> Any:
-    """The measured task: ``waits`` retries once with ``countdown``, then returns."""
-    app = make_app(**config)
+def retrying_once(app: Any, countdown: float, name: str = "waits") -> Any:
+    """The measured task: it retries once with ``countdown``, then returns."""
 
-    @app.task(name="waits", bind=True, max_retries=1, shared=False)
+    @app.task(name=name, bind=True, max_retries=1, shared=False)
     def waits(self: Any) -> str:
         if self.request.retries == 0:
             raise self.retry(countdown=countdown)
         return "done"
 
-    return app
+    return waits
 
 
 def received(broker: Any, task_id: str) -> list[float]:
@@ -56,9 +55,8 @@ def _run_redis_case(case: RedisCopies, acks_late: bool) -> None:
     from pytest_celery_retry.session import RetrySession
     from pytest_celery_retry.worker import RetryWorker
 
-    app = waits_app(
-        case.countdown, task_acks_late=acks_late, broker_transport_options=case.transport_options
-    )
+    app = make_app(task_acks_late=acks_late, broker_transport_options=case.transport_options)
+    retrying_once(app, case.countdown)
     session = RetrySession().start()
     worker = RetryWorker(session)
     try:
@@ -87,10 +85,7 @@ def test_redis_timeline_shows_the_sweeps_and_the_duplicates(
     case = REDIS["countdown-5-vt-1.5"]
     celery_retry_app.conf.broker_transport_options = case.transport_options
 
-    @celery_retry_app.task(name="waits", bind=True, max_retries=1, shared=False)
-    def waits(self: Any) -> None:
-        if self.request.retries == 0:
-            raise self.retry(countdown=case.countdown)
+    waits = retrying_once(celery_retry_app, case.countdown, "waits")
 
     timeline = retry_worker.apply(waits).timeline()
 
@@ -105,35 +100,25 @@ def test_redis_timeline_shows_the_sweeps_and_the_duplicates(
 
 
 @pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
-def test_redis_defaults_run_a_two_hour_countdown_twice(
-    celery_retry_flavor: str, retry_worker: Any, celery_retry_app: Any
+@pytest.mark.parametrize(
+    ("countdown", "runs"),
+    [(3600, [(3600, False)]), (7200, [(7200, False), (7200, True)])],
+    ids=["one-hour-once", "two-hours-twice"],
+)
+def test_redis_defaults(
+    countdown: float,
+    runs: list[tuple[float, bool]],
+    celery_retry_flavor: str,
+    retry_worker: Any,
+    celery_retry_app: Any,
 ) -> None:
-    # visibility_timeout 3600 s, a sweep every 100 s: restored at 3600 s, once; the sweep at
-    # 7200 s comes after the ETA (the copies run first).
-    @celery_retry_app.task(name="slow", bind=True, max_retries=1, shared=False)
-    def slow(self: Any) -> None:
-        if self.request.retries == 0:
-            raise self.retry(countdown=7200)
+    # visibility_timeout 3600 s, a sweep every 100 s: a two-hour countdown is restored at
+    # 3600 s, once; the sweep at 7200 s comes after the ETA (the copies run first).
+    run = retry_worker.apply(retrying_once(celery_retry_app, countdown))
 
-    run = retry_worker.apply(slow)
-
-    assert [(a.t, a.redelivered) for a in run.attempts] == [(0, False), (7200, False), (7200, True)]
-    assert VisibilityTimeout.for_app(celery_retry_app).copies(7200) == [0, 3600]
-
-
-@pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
-def test_redis_countdown_within_visibility_timeout_runs_once(
-    celery_retry_flavor: str, retry_worker: Any, celery_retry_app: Any
-) -> None:
-    @celery_retry_app.task(name="hourly", bind=True, max_retries=1, shared=False)
-    def hourly(self: Any) -> None:
-        if self.request.retries == 0:
-            raise self.retry(countdown=3600)
-
-    run = retry_worker.apply(hourly)
-
-    assert [a.t for a in run.attempts] == [0, 3600]
-    assert run.limit_events == [] and run.duplicates == []
+    assert [(a.t, a.redelivered) for a in run.attempts[1:]] == runs
+    assert len(run.duplicates) == len(run.limit_events) == len(runs) - 1
+    assert len(VisibilityTimeout.for_app(celery_retry_app).copies(countdown)) == len(runs)
 
 
 # -- 2. RabbitMQ: consumer_timeout closes the channel of the worker holding the retry --------
@@ -147,10 +132,7 @@ def test_rabbitmq_closes_the_channel_past_consumer_timeout(
     flaky_broker.consumer_timeout = case.consumer_timeout
     flaky_broker.channel_tick_interval = case.tick
 
-    @app.task(name="waits", bind=True, max_retries=1, shared=False)
-    def waits(self: Any) -> None:
-        if self.request.retries == 0:
-            raise self.retry(countdown=case.countdown)
+    waits = retrying_once(app, case.countdown, "waits")
 
     if case.channel_error_retry:
         run = retry_worker.apply(waits)
@@ -183,10 +165,7 @@ def test_rabbitmq_closes_the_channel_past_consumer_timeout(
 def test_rabbitmq_default_timeout_stops_the_worker_at_the_tick_after_30_minutes(
     celery_retry_flavor: str, flaky_broker: Any, retry_worker: Any, celery_retry_app: Any
 ) -> None:
-    @celery_retry_app.task(name="hourly", bind=True, max_retries=1, shared=False)
-    def hourly(self: Any) -> None:
-        if self.request.retries == 0:
-            raise self.retry(countdown=3600)
+    hourly = retrying_once(celery_retry_app, 3600, "hourly")
 
     with pytest.raises(WorkerStoppedError, match="Timeout value used: 1800000 ms"):
         retry_worker.apply(hourly)
@@ -205,10 +184,7 @@ def test_rabbitmq_without_consumer_timeout_holds_as_long_as_it_takes(
 ) -> None:
     flaky_broker.consumer_timeout = None
 
-    @celery_retry_app.task(name="daily", bind=True, max_retries=1, shared=False)
-    def daily(self: Any) -> None:
-        if self.request.retries == 0:
-            raise self.retry(countdown=86400)
+    daily = retrying_once(celery_retry_app, 86400, "daily")
 
     run = retry_worker.apply(daily)
 
