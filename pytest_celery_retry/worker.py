@@ -339,16 +339,17 @@ class RetryWorker:
             t=self.clock.elapsed,
             redelivered=bool((request.delivery_info or {}).get("redelivered")),
         )
-        attempt.duplicate_of = next(
-            (
-                earlier.number
-                for earlier in run.attempts
-                if earlier.retries == attempt.retries
-                and earlier.outcome != "worker-lost"
-                and not earlier.requeued
-            ),
-            None,
-        )
+        if attempt.redelivered:  # a copy that runs again was taken back and delivered again
+            attempt.duplicate_of = next(
+                (
+                    earlier.number
+                    for earlier in run.attempts
+                    if earlier.retries == attempt.retries
+                    and earlier.outcome != "worker-lost"
+                    and not earlier.requeued
+                ),
+                None,
+            )
         if run.attempts:
             _drop_tracebacks(run.attempts[-1])
         run.attempts.append(attempt)
