@@ -250,3 +250,44 @@ def test_unacked_lists_what_a_worker_holds(retry_worker: Any, flaky_broker: Any)
 
     assert retry_worker.apply(peek).result == [0]
     assert flaky_broker.unacked == []
+
+
+def test_a_stopped_worker_is_a_clear_failure(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from celery import Celery
+
+        app = Celery("shop", broker="amqp://localhost//", set_as_current=False)
+
+
+        @app.task(bind=True, max_retries=1, shared=False)
+        def sync_order(self):
+            raise self.retry(countdown=3600)
+
+
+        @pytest.fixture
+        def celery_retry_app():
+            return app
+
+
+        def test_hourly_retry(retry_worker):
+            retry_worker.apply(sync_order)
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E *WorkerStoppedError: the worker stopped at t=1860s with Celery's 'Unrecoverable "
+            "error: PreconditionFailed(406, 'PRECONDITION_FAILED - delivery acknowledgement on "
+            "channel 1 timed out. Timeout value used: 1800000 ms.*",
+            "E *retry timeline of *sync_order*",
+            "E *1  +0.000s  0        retry    3600s*",
+            "E *broker limits:",
+            "E *t=+1860.000s  consumer timeout: unacknowledged for 1860 s > "
+            "consumer_timeout=1800 s: RabbitMQ closed the worker's channel (PRECONDITION_FAILED) "
+            "and requeued it",
+        ]
+    )
