@@ -466,8 +466,8 @@ class InMemoryBroker:
     def _refuse_the_workers_side_of_a_hang(self, kind: OperationKind) -> None:
         if self._hangs_until() is not None:
             raise UsageError(
-                f"the worker's {kind} on a broker that hangs is not simulated yet (issue #13: "
-                "its reads, acks and heartbeats): end the hang before the worker needs the "
+                f"the worker's {kind} on a broker that hangs is not simulated yet (nor its "
+                "other reads, acks and heartbeats): end the hang before the worker needs the "
                 "broker (flaky_broker.up(), or an outage(seconds=..., how='hang') that is over "
                 "by then), or test the worker against a real broker with "
                 "broker_proxy(...).blackhole()"

@@ -258,3 +258,28 @@ def test_what_a_user_writes(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
+def test_a_retry_republished_into_a_short_hang_arrives_late(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    app.conf.broker_transport_options = {"socket_timeout": 1}
+
+    @app.task(name="hangs.once", bind=True, max_retries=1, shared=False)
+    def hangs_once(self: Any) -> None:
+        if self.request.retries == 0:
+            flaky_broker.outage(seconds=2, how="hang")
+            raise self.retry(countdown=3)
+
+    run = retry_worker.apply(hangs_once)
+    # Task.retry's publish (Celery's default policy) timed out at 1.001 s; kombu reconnected
+    # at once, and the broker answered that connect when the hang ended, at 2 s.
+    retry = flaky_broker.messages()[-1]
+    assert (retry.t, retry.retries) == (2, 1)
+    hung = [(op.kind, op.t, op.hung, op.ok) for op in flaky_broker.operations if op.hung]
+    assert hung == [("publish", 0, 1.001, False), ("connect", 1.001, pytest.approx(0.999), True)]
+    # The ETA was set before the publish: the retry runs at 3 s, as it would have.
+    assert run.countdowns == [3]
+    assert [attempt.t for attempt in run.attempts] == [0, 3]
+    assert run.state == "SUCCESS"
