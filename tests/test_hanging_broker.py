@@ -172,6 +172,21 @@ def test_amqp_publish_without_confirms_is_lost_when_a_cut_follows_the_hang(
     assert broker.pending() == 1
 
 
+def test_a_hang_does_not_cut_the_open_connections(
+    celery_retry_session: RetrySession, app: Any
+) -> None:
+    # Unlike down() and outage(), after which py-amqp fails on the old connection: a broker
+    # that stalls and wakes up still has the client's connection.
+    app.conf.broker_transport_options = {"confirm_publish": True}
+    broker = amqp_pooled(celery_retry_session, app)
+    broker.outage(seconds=2, how="hang")
+    celery_retry_session.clock.advance(2)
+    connects = len(broker.connection_attempts)
+    app.send_task("foo.task", retry=False)
+    assert len(broker.connection_attempts) == connects
+    assert len(broker.messages()) == 2
+
+
 def test_suspend_faults_suspends_a_hang(celery_retry_session: RetrySession, app: Any) -> None:
     broker = hung_redis(celery_retry_session, app)
     broker.hang()
