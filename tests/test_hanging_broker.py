@@ -298,3 +298,25 @@ def test_a_retry_republished_into_a_short_hang_arrives_late(
     assert run.countdowns == [3]
     assert [attempt.t for attempt in run.attempts] == [0, 3]
     assert run.state == "SUCCESS"
+
+
+def test_a_worker_that_starts_in_a_hang_connects_once_it_ends(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    app.conf.broker_connection_timeout = 1
+    result = app.send_task("foo.task")
+    flaky_broker.outage(seconds=10, how="hang")
+
+    retry_worker.run_until_idle()
+
+    # Celery's consumer retries its connect 2 s, then 4 s, then 6 s after each timeout (the
+    # real worker that lost a hung RabbitMQ: timed out after 1 s, reconnects 2 s, then 4 s
+    # later; docs/broker-limits.md).
+    connects = [(op.t, op.hung, op.ok) for op in flaky_broker.connection_attempts[1:]]
+    assert connects == [
+        (0, 1.001, False),
+        (3.001, 1.001, False),
+        (8.002, 1.001, False),
+        (pytest.approx(15.003), None, True),
+    ], flaky_broker.timeline()
+    assert retry_worker.task_run(result.id).attempts[0].t == pytest.approx(15.003)
