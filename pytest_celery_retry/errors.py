@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import cast
 
 __all__ = [
+    "BlocksForeverError",
     "CeleryRetryError",
     "ConfigurationError",
     "EndlessRetryError",
@@ -38,6 +39,14 @@ class WorkerStoppedError(CeleryRetryError):
 
 class ConfigurationError(CeleryRetryError):
     """The Celery app or the pytest configuration does not let the plugin do its job."""
+
+
+class BlocksForeverError(CeleryRetryError):
+    """A call on a hung broker that no timeout bounds: in production it would never return.
+
+    Not a connection error to kombu, so no retry policy swallows it: the test fails with the
+    setting that would bound the wait.
+    """
 
 
 # The checks behind the plugin's UsageErrors: ``True`` is an int to Python, not a count.

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from .errors import ConfigurationError, UsageError
-from .records import OperationKind
+from .records import OperationKind, RecordedKind
 
 __all__ = [
     "DEFAULT_FLAVOR",
     "FLAVORS",
     "INSTALLED_SCHEME_PREFIX",
+    "ClientSettings",
     "ConsumerTimeout",
     "Flavor",
     "HeldLimit",
+    "HungWait",
     "PyAmqp",
     "Redis",
     "VisibilityTimeout",
@@ -95,6 +98,11 @@ class Flavor:
         """
         return None
 
+    def hung_wait(self, kind: RecordedKind, client: ClientSettings) -> HungWait | None:
+        """How the real client waits when the broker never answers ``kind`` (None: it does not
+        wait for an answer). Only connects, publishes and channel closes are modelled."""
+        raise NotImplementedError
+
     def address(self, url: str | None) -> str:
         """``host:port`` of the (first) broker in ``url``, with this flavour's default port."""
         parts = urlsplit((url or "").split(";", 1)[0])
@@ -157,6 +165,37 @@ class PyAmqp(Flavor):
             return None
         return ConsumerTimeout(broker.consumer_timeout, broker.channel_tick_interval)
 
+    def hung_wait(self, kind: RecordedKind, client: ClientSettings) -> HungWait | None:
+        # Measured through the fault proxy's blackhole (tests/real_limits_cases.py): py-amqp's
+        # socket reads raise socket.timeout, which is TimeoutError('timed out').
+        if kind == "connect":
+            # The TCP connect succeeds; the AMQP handshake waits for Connection.Start.
+            return HungWait(
+                client.connect_timeout,
+                _timed_out,
+                "py-amqp waits for the broker's handshake without a timeout: set "
+                "broker_connection_timeout",
+            )
+        if kind == "publish":
+            if not client.transport_options.get("confirm_publish"):
+                return None  # the frames sit in the socket's buffer: the publish returns
+            return HungWait(
+                client.confirm_timeout,
+                _timed_out,
+                "with confirm_publish, py-amqp waits for the broker's confirm without a "
+                "timeout: pass confirm_timeout= to apply_async / send_task",
+            )
+        if kind == "close":
+            return HungWait(
+                None,
+                _timed_out,
+                "py-amqp closes a channel by waiting for the broker's Close-Ok, without a "
+                "timeout. kombu closes the channel of a connection it hands back to the pool "
+                "after a failed publish (a confirm_timeout with retry=False): publish with "
+                "retry=True, which drops a failed connection without a word",
+            )
+        raise NotImplementedError(kind)
+
 
 class Redis(Flavor):
     """Redis through kombu's redis transport and redis-py."""
@@ -197,6 +236,24 @@ class Redis(Flavor):
 
     def held_limit(self, app: Any, broker: Any = None) -> VisibilityTimeout:
         return VisibilityTimeout.for_app(app)
+
+    def hung_wait(self, kind: RecordedKind, client: ClientSettings) -> HungWait | None:
+        # Measured through the fault proxy's blackhole (tests/real_limits_cases.py): every
+        # Redis command waits for its reply up to socket_timeout (the connect's is the PING
+        # of kombu's new channel). socket_connect_timeout bounds the TCP connect only, which a
+        # hung broker's kernel completes, and broker_connection_timeout never reaches redis-py.
+        if kind == "close":
+            return None  # redis-py closes its socket without a word
+        if kind not in ("connect", "publish"):
+            raise NotImplementedError(kind)
+        return HungWait(
+            client.transport_options.get("socket_timeout"),
+            _redis_timeout,
+            "redis-py reads the broker's reply without a timeout (kombu's default "
+            "socket_timeout is None; socket_connect_timeout covers the TCP connect only, and "
+            "broker_connection_timeout does not reach redis-py's reads): set "
+            "broker_transport_options={'socket_timeout': 5}",
+        )
 
 
 # Celery's default transport: the flavour of a URL of no other flavour.
@@ -290,6 +347,39 @@ class HeldLimit(Protocol):
 
     def advice(self) -> str:
         """How to make a retry schedule fit."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What bounds a client's waits for a broker: its connection's settings and the publish's."""
+
+    transport_options: Mapping[str, Any]
+    # kombu's Connection.connect_timeout: Celery's broker_connection_timeout.
+    connect_timeout: float | None
+    # The publish's confirm_timeout (apply_async / send_task), for a publish.
+    confirm_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class HungWait:
+    """How the real client waits for an answer that a hung broker never sends."""
+
+    # Seconds, or None: it waits for ever.
+    timeout: float | None
+    # What it raises when the timeout passes.
+    error: Callable[[], BaseException]
+    # Why it waits for ever without a timeout, and what bounds the wait.
+    unbounded: str
+
+
+def _timed_out() -> BaseException:
+    return TimeoutError("timed out")
+
+
+def _redis_timeout() -> BaseException:
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return RedisTimeoutError("Timeout reading from socket")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ from typing import Any, Literal, NamedTuple
 AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored", "worker-lost"]
 RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
 OperationKind = Literal["connect", "publish", "consume", "ack"]
+# What the broker records: the operations faults apply to, and a channel close on a broker
+# that hangs (py-amqp waits for its answer).
+RecordedKind = Literal["connect", "publish", "consume", "ack", "close"]
 # What the fault proxy did with a TCP connection a client opened.
 ConnectionOutcome = Literal["accepted", "refused", "blackholed"]
 
@@ -28,6 +31,7 @@ __all__ = [
     "OperationKind",
     "ProxyEvent",
     "PublishRecord",
+    "RecordedKind",
     "Redelivery",
     "RunState",
     "TaskRun",
@@ -226,9 +230,13 @@ class TaskRun:
 
 @dataclass
 class BrokerOperation:
-    """One connect, publish or consume the in-memory broker was asked to do."""
+    """One connect, publish or consume the in-memory broker was asked to do.
 
-    kind: OperationKind
+    ``t`` is when it began; ``hung`` how many virtual seconds the client then waited for a
+    broker that did not answer (``None`` when it answered at once).
+    """
+
+    kind: RecordedKind
     t: float
     ok: bool
     error: BaseException | None = None
@@ -236,6 +244,19 @@ class BrokerOperation:
     task_id: str | None = None
     task_name: str | None = None
     queue: str | None = None
+    hung: float | None = None
+
+    @property
+    def ended_at(self) -> float:
+        return self.t + (self.hung or 0.0)
+
+    @property
+    def result(self) -> str:
+        """``ok`` or ``FAILED``, after how long a hang (for timelines)."""
+        result = "ok" if self.ok else "FAILED"
+        if self.hung is None:
+            return result
+        return f"hung {format_seconds(self.hung)}, {result}"
 
 
 @dataclass
@@ -298,7 +319,7 @@ class PublishRecord:
 
     @property
     def ended_at(self) -> float | None:
-        return self.operations[-1].t if self.operations else None
+        return self.operations[-1].ended_at if self.operations else None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from kombu.transport import TRANSPORT_ALIASES, memory, virtual
 
 from .clock import VirtualClock
 from .errors import UsageError
-from .flavors import INSTALLED_SCHEME_PREFIX, Flavor
+from .flavors import INSTALLED_SCHEME_PREFIX, ClientSettings, Flavor
 
 __all__ = ["CONSUMER_ROLE_OPTION", "Broker", "Client", "attach", "detach"]
 
@@ -33,6 +33,11 @@ class Client(Protocol):
     # When the last successful connect happened, as (virtual time, broker event number):
     # an outage that began since then has cut the connection.
     opened_at: tuple[float, int] | None
+    # A call on it would have blocked for ever (BlocksForeverError): nothing after it happens.
+    blocked_forever: bool
+
+    def settings(self, confirm_timeout: float | None = None) -> ClientSettings:
+        """What bounds the client's waits for an answer (``confirm_timeout``: the publish's)."""
 
 
 class Broker(Protocol):
@@ -45,8 +50,17 @@ class Broker(Protocol):
     def on_connect(self, client: Client) -> None:
         """Raise the connect's fault, if any; record the connect."""
 
-    def on_publish(self, client: Client, queue: str, message: dict[str, Any]) -> None:
-        """Raise the publish's fault, if any; record the publish and its delivery."""
+    def on_publish(
+        self,
+        client: Client,
+        queue: str,
+        message: dict[str, Any],
+        confirm_timeout: float | None = None,
+    ) -> bool:
+        """Raise the publish's fault, if any; record the publish and its delivery.
+
+        Returns whether the message reaches its queue now (else the broker delivers it later).
+        """
 
     def on_consume(self, client: Client, queue: str) -> None:
         """Raise the poll's fault, if any."""
@@ -59,6 +73,9 @@ class Broker(Protocol):
 
     def on_acked(self, delivery_tag: Any) -> None:
         """The consumer acknowledged (or rejected) the message ``delivery_tag``."""
+
+    def on_close(self, client: Client) -> None:
+        """Wait for the broker's answer to a channel close, if the client would."""
 
     def on_restore(self, message: Any) -> bool:
         """Whether an unacknowledged message goes back to its queue now (else it is parked)."""
@@ -125,9 +142,16 @@ class _Channel(memory.Channel):
             properties = message["properties"]
             delivery_info = {**properties.get("delivery_info", {}), "redelivered": True}
             message = {**message, "properties": {**properties, "delivery_info": delivery_info}}
-        else:
-            self.connection.broker.on_publish(self.connection, queue, message)
+        elif not self.connection.broker.on_publish(
+            self.connection, queue, message, kwargs.get("confirm_timeout")
+        ):
+            return  # a publish into a hung broker without confirms: it never arrives
         super()._put(queue, message, **kwargs)
+
+    def close(self) -> None:
+        if not self.closed and not self.connection.collecting:
+            self.connection.broker.on_close(self.connection)
+        super().close()
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         self.connection.broker.on_consume(self.connection, queue)
@@ -141,6 +165,9 @@ class _Transport(memory.Transport):
     Channel = _Channel
     driver_name = "pytest-celery-retry"
     opened_at: tuple[float, int] | None = None
+    blocked_forever = False
+    # Inside kombu's Connection.collect: the connection is dropped without a word.
+    collecting = False
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
@@ -157,6 +184,24 @@ class _Transport(memory.Transport):
     def establish_connection(self) -> Any:
         self.broker.on_connect(self)
         return super().establish_connection()
+
+    def settings(self, confirm_timeout: float | None = None) -> ClientSettings:
+        client = self.client  # kombu's Connection; None once kombu let go of the transport
+        return ClientSettings(
+            getattr(client, "transport_options", None) or {},
+            getattr(client, "connect_timeout", None),
+            confirm_timeout,
+        )
+
+    def _collect_quietly(self, connection: Any) -> None:
+        """kombu's ``collect()`` for a transport that drops a connection without a word (the
+        real transport's ``_collect``): its channels close, and the broker takes back what they
+        had not acknowledged, but nothing waits for the broker's answer."""
+        self.collecting = True
+        try:
+            self.close_connection(connection)
+        finally:
+            self.collecting = False
 
     def driver_version(self) -> str:
         return "N/A"
@@ -206,4 +251,7 @@ def _flavored_transport(flavor: Flavor) -> type[_Transport]:
         )
         if name in vars(real) or hasattr(real, name)
     }
+    # kombu's collect() goes another way for a transport with _collect (py-amqp's).
+    if hasattr(real, "_collect"):
+        declared["_collect"] = _Transport._collect_quietly
     return type(f"Flaky{flavor.name.capitalize()}Transport", (_Transport,), declared)

@@ -271,7 +271,9 @@ class RetryWorker:
 
     def close(self) -> None:
         for consumer in self._consumers.values():
-            consumer.close()
+            # The worker stops whatever the broker does (a hang would make its close wait).
+            with consumer.broker.suspend_faults():
+                consumer.close()
         self._consumers.clear()
         self._disconnect_receivers()
 

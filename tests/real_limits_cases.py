@@ -21,6 +21,10 @@ from typing import Any
 
 import pytest
 from conftest import rabbitmq_node_lock, real_broker_url
+from hang_cases import CASES as HANG_CASES
+from hang_cases import HangCase
+from hang_cases import configure as configure_hang
+from hang_cases import publish as hang_publish
 from kombu.exceptions import OperationalError
 from limits_figures import RABBITMQ, REDIS, RabbitClose, RedisCopies
 from test_real_brokers import SWEEP_OPTIONS_WORK, start_worker, wait_until
@@ -352,8 +356,8 @@ def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptur
 
 
 # -- 4. A broker that hangs instead of refusing (celery#4296, #6911, #4627, kombu#902) ------
-# broker_proxy.blackhole() accepts connections and never answers, and stalls open ones.
-POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+# broker_proxy.blackhole() accepts connections and never answers, and stalls open ones. The
+# publish cases are hang_cases.py's: test_hanging_broker.py runs the same on the virtual clock.
 
 
 def blackhole(proxy: BrokerProxy) -> None:
@@ -363,23 +367,23 @@ def blackhole(proxy: BrokerProxy) -> None:
     time.sleep(0.2)
 
 
-def timed_publish(app: Any, queue: str, **options: Any) -> tuple[float, BaseException | None]:
+def timed_publish(app: Any, case: HangCase, queue: str) -> tuple[float, BaseException | None]:
     started = time.monotonic()
     try:
-        app.send_task("foo.task", queue=queue, retry_policy=POLICY, **options)
+        hang_publish(app, case, queue)
     except Exception as exc:
         return time.monotonic() - started, exc
     return time.monotonic() - started, None
 
 
-def still_blocked(app: Any, queue: str, proxy: BrokerProxy, **options: Any) -> tuple[bool, float]:
+def still_blocked(app: Any, case: HangCase, queue: str, proxy: BrokerProxy) -> tuple[bool, float]:
     """Whether a publish is still blocked after 2 s, and how long it takes once the proxy
     restores (a blackholed connection closes then; a stalled one resumes)."""
     done = threading.Event()
 
     def publish() -> None:
         with contextlib.suppress(Exception):
-            app.send_task("foo.task", queue=queue, retry_policy=POLICY, **options)
+            hang_publish(app, case, queue)
         done.set()
 
     threading.Thread(target=publish, daemon=True).start()
@@ -399,90 +403,46 @@ def hang_config(app: Any, **transport_options: Any) -> None:
     )
 
 
-@real_broker
-def test_redis_publish_into_a_hang_fails_at_socket_timeout(
-    broker_proxy: ProxyFactory, app: Any
-) -> None:
-    proxy = broker_proxy("redis")
-    hang_config(app, socket_timeout=1, socket_connect_timeout=1)
+def publish_into_a_blackhole(proxy: BrokerProxy, app: Any, case: HangCase) -> list[str]:
+    """Run one case through a new proxy; what differs from the case's expectations."""
+    configure_hang(app, case)
     queue = new_name()
     try:
+        if case.pooled:
+            app.send_task("foo.task", queue=queue)
         blackhole(proxy)
-        fresh = timed_publish(app, queue, retry=False)
-        proxy.restore()
-        app.send_task("foo.task", queue=queue)  # a pooled connection that now hangs
-        blackhole(proxy)
-        attempts_before = len(proxy.connection_attempts)
-        established = timed_publish(app, queue, retry=True)
-        reconnects = len(proxy.connection_attempts) - attempts_before
+        before = len(proxy.connections)
+        if case.blocks_for_ever:
+            blocked, after_restore = still_blocked(app, case, queue, proxy)
+            return [] if blocked and after_restore < 1.5 else [f"returned ({after_restore=})"]
+        took, error = timed_publish(app, case, queue)
+        connects = len(proxy.connections) - before
     finally:
         proxy.restore()
-        forget("redis", queue)
-    # The TCP connect succeeds; the first reply never comes: socket_timeout decides.
-    took, error = fresh
-    assert isinstance(error, OperationalError) and "Timeout reading from socket" in str(error)
-    assert took == pytest.approx(1, abs=0.5)
-    # With retry=True each of the policy's 1 + 2 tries waits out socket_timeout again (plus
-    # the intervals): about 4.2 s, through 3 new connections.
-    took, error = established
-    assert isinstance(error, OperationalError), error
-    assert 3.5 <= took <= 6, took
-    assert reconnects == 3, proxy.timeline()
-
-
-@real_broker
-def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory, app: Any) -> None:
-    # socket_connect_timeout bounds the TCP connect only, and broker_connection_timeout does
-    # not reach redis-py's reads: kombu's default socket_timeout (None) waits for ever.
-    proxy = broker_proxy("redis")
-    hang_config(app, socket_connect_timeout=1)
-    queue = new_name()
-    try:
-        blackhole(proxy)
-        blocked, after_restore = still_blocked(app, queue, proxy, retry=False)
-    finally:
-        proxy.restore()
-        forget("redis", queue)
-    assert blocked
-    assert after_restore < 1.5
+        forget(case.broker, queue)
+    wrong = []
+    if case.error is None:
+        wrong += [f"raised {error!r}"] if error is not None else []
+    elif not isinstance(error, OperationalError) or str(error) != case.error:
+        wrong.append(f"raised {error!r}, not OperationalError({case.error!r})")
+    # Real time: a little later than the virtual figure, more on a loaded machine.
+    if not case.seconds - 0.05 <= took <= case.seconds + 1.5:
+        wrong.append(f"took {took:.3f} s, simulated {case.seconds} s")
+    if connects != case.connects:
+        wrong.append(f"{connects} new connections, simulated {case.connects}")
+    return wrong
 
 
 @real_broker
-def test_amqp_publish_into_a_hang(broker_proxy: ProxyFactory, app: Any) -> None:
-    proxy = broker_proxy("amqp")
-    hang_config(app, confirm_publish=True)
-    queue = new_name()
-    try:
-        blackhole(proxy)
-        attempts_before = len(proxy.connection_attempts)
-        fresh = timed_publish(app, queue, retry=True)
-        fresh_connects = len(proxy.connection_attempts) - attempts_before
-        proxy.restore()
-        app.send_task("foo.task", queue=queue)
-        blackhole(proxy)
-        established = timed_publish(app, queue, retry=True, confirm_timeout=1)
-        proxy.restore()
-        app.send_task("foo.task", queue=queue)  # the failed retries left no connection
-        blackhole(proxy)
-        blocked, after_restore = still_blocked(app, queue, proxy, retry=False, confirm_timeout=1)
-    finally:
-        proxy.restore()
-        forget("amqp", queue)
-    # A fresh connection: py-amqp's handshake times out at broker_connection_timeout, which
-    # also caps kombu's connect retries: one try, whatever the policy.
-    took, error = fresh
-    assert isinstance(error, OperationalError) and str(error) == "timed out", error
-    assert took == pytest.approx(1, abs=0.5)
-    assert fresh_connects == 1, proxy.timeline()
-    # A connection that hangs: confirm_timeout ends the wait for the confirm, then each retry
-    # times out at broker_connection_timeout: about 4.2 s.
-    took, error = established
-    assert isinstance(error, OperationalError) and str(error) == "timed out", error
-    assert 3.5 <= took <= 6, took
-    # retry=False: the confirm times out after 1 s, but kombu then returns the connection to
-    # the pool by closing its channel, and py-amqp waits for Close-Ok without a timeout.
-    assert blocked
-    assert after_restore < 1.5
+@pytest.mark.parametrize("kind", ["redis", "amqp"], ids=["redis", "amqp"])
+def test_publish_into_a_hang_as_simulated(kind: str, broker_proxy: ProxyFactory, app: Any) -> None:
+    wrong = {}
+    for param in HANG_CASES:
+        (case,) = param.values
+        if case.broker == kind:
+            # A proxy of its own: the app's pool starts afresh.
+            wrong[param.id] = publish_into_a_blackhole(broker_proxy(kind), app, case)
+    assert not any(wrong.values()), wrong
 
 
 @real_broker
