@@ -151,8 +151,7 @@ class CanvasRun:
         )
         start = ran[0][0].t if ran else 0.0
         table_rows = [
-            [f"{attempt.t - start:+.3f}s", *_row(run, role, attempt)]
-            for attempt, run, role in ran
+            [f"{attempt.t - start:+.3f}s", *_row(run, role, attempt)] for attempt, run, role in ran
         ]
         never_ran = [
             ["-", _label(run), role, "-", "never ran", "-", describe_exception(run.exception)]
