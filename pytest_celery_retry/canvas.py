@@ -2,7 +2,7 @@
 
 Derived from the worker's ``TaskRun`` records and the canvas's own result tree (each
 ``AsyncResult.parent``, each ``GroupResult.results``), so it keeps no bookkeeping of its own.
-No Celery import: the results are read through their attributes.
+Celery is imported only to read a result: the results are read through their attributes.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ def stored_exception(result: Any) -> BaseException | None:
     Celery stores one for a task that never ran when an earlier member of its canvas failed
     for good: a chain's later tasks, a chord's callback (``ChordError``).
     """
-    try:
-        state, value = result.state, result.result
-    except NotImplementedError:  # no result backend configured (DisabledBackend)
+    from celery.backends.base import DisabledBackend
+
+    if isinstance(result.backend, DisabledBackend):  # no result backend: nothing stored
         return None
+    state, value = result.state, result.result
     return value if state in _FAILED_STATES and isinstance(value, BaseException) else None
 
 
