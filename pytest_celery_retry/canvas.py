@@ -70,6 +70,7 @@ class CanvasRun:
     children: list[TaskRun] = field(default_factory=list)
     # The runs whose outcome is the canvas's: its last task, or its last group's tasks.
     final: list[TaskRun] = field(default_factory=list)
+    ends_with_group: bool = False
     seed: int | None = None
 
     @classmethod
@@ -114,6 +115,7 @@ class CanvasRun:
             errbacks=errbacks,
             children=[run for run in spawned if run not in errbacks],
             final=final,
+            ends_with_group=_is_group(result),
             seed=seed,
         )
 
@@ -129,7 +131,7 @@ class CanvasRun:
     @property
     def result(self) -> Any:
         """The last task's return value; a list of them when the canvas ends with a group."""
-        if self.kind == "group" or len(self.final) != 1:
+        if self.ends_with_group:
             return [run.result for run in self.final]
         return self.final[0].result
 

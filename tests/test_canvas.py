@@ -305,3 +305,37 @@ def test_what_a_user_writes(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=3)
+
+
+def test_a_chain_through_a_group_into_a_callback(tasks, retry_worker):
+    # Celery turns the group and the task after it into a chord inside the chain.
+    result = chain(
+        tasks["flaky"].s(1, times=1, countdown=4),
+        group(tasks["add"].s(1), tasks["add"].s(2)),
+        tasks["collect"].s(),
+    ).delay()
+    retry_worker.run_until_idle()
+
+    canvas = retry_worker.canvas(result)
+
+    assert canvas.kind == "chain" and canvas.result == [2, 3]
+    assert [run.task_name for run in canvas.members] == [
+        "canvas.flaky",
+        "canvas.add",
+        "canvas.add",
+        "canvas.collect",
+    ]
+    assert [run.task_name for run in canvas.header] == ["canvas.add", "canvas.add"]
+    assert canvas.callback is canvas.members[-1] and canvas.callback.attempts[0].t == 4
+
+
+def test_a_chain_that_ends_with_a_group(tasks, retry_worker):
+    result = chain(
+        tasks["flaky"].s(1, times=1, countdown=4), group(tasks["add"].s(1), tasks["add"].s(2))
+    ).delay()
+    retry_worker.run_until_idle()
+
+    canvas = retry_worker.canvas(result)
+
+    assert canvas.kind == "chain" and canvas.result == [2, 3] and canvas.state == "SUCCESS"
+    assert canvas.callback is None and [run.attempts[0].t for run in canvas.final] == [4, 4]

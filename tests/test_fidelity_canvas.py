@@ -41,7 +41,7 @@ from tests.test_fidelity import (
 QUIET = 0.5
 # A chord callback starts within this many seconds of the same moment on both sides: the
 # real worker's timer and the transport's polling add a few hundredths per retry.
-CALLBACK_TOLERANCE = 0.3
+CALLBACK_TOLERANCE = 0.4
 # The chord-unlock cases keep Celery's default poll interval, 1 s (its first poll is 1 s
 # after the chord is published), and publish their ETAs in the order they fall due: the
 # real worker's timer thread (timer2) sleeps until the earliest ETA it knew when it went to
