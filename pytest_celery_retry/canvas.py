@@ -13,7 +13,14 @@ from typing import Any, Literal
 
 from .records import Attempt, RunState, TaskRun, describe_exception, format_seconds, format_table
 
-__all__ = ["UNLOCK_TASK", "CanvasKind", "CanvasRun", "stored_exception", "unlock_hint"]
+__all__ = [
+    "UNLOCK_TASK",
+    "CanvasKind",
+    "CanvasRun",
+    "stored_exception",
+    "task_names",
+    "unlock_hint",
+]
 
 CanvasKind = Literal["task", "chain", "group", "chord"]
 # The task result backends without a native chord join poll a chord's header with.
@@ -34,6 +41,11 @@ def stored_exception(result: Any) -> BaseException | None:
         return None
     state, value = result.state, result.result
     return value if state in _FAILED_STATES and isinstance(value, BaseException) else None
+
+
+def task_names(signatures: Any) -> tuple[str, ...]:
+    """The task names of the signatures a message carries (``callbacks``, ``errbacks``)."""
+    return tuple(str(sig.get("task")) for sig in signatures or () if isinstance(sig, dict))
 
 
 def unlock_hint(run: TaskRun) -> str:
@@ -99,8 +111,8 @@ class CanvasRun:
             for run in runs.values()
             if run.task_id not in taken and run.parent_id is not None and run.parent_id in by_id
         ]
-        # Celery calls an errback task with the failed task's id as its first argument.
-        errbacks = [run for run in spawned if _first_arg(run) == run.parent_id]
+        errbacks = [run for run in spawned if _is_errback(run, by_id[run.parent_id or ""])]
+        errback_ids = {run.task_id for run in errbacks}
         final = (
             [by_id[r.id] for r in result.results if r.id in by_id]
             if _is_group(result)
@@ -113,7 +125,7 @@ class CanvasRun:
             callback=callback,
             unlocks=unlocks,
             errbacks=errbacks,
-            children=[run for run in spawned if run not in errbacks],
+            children=[run for run in spawned if run.task_id not in errback_ids],
             final=final,
             ends_with_group=_is_group(result),
             seed=seed,
@@ -215,6 +227,15 @@ def _label(run: TaskRun) -> str:
 
 def _short(task_id: str | None) -> str:
     return (task_id or "-")[:8]
+
+
+def _is_errback(run: TaskRun, parent: TaskRun) -> bool:
+    """Celery calls a task's errbacks once it failed for good. A task that never ran (a
+    chord's callback failed by its header) starts nothing else; one that ran may also have
+    published tasks of its own, so only those its ``link_error`` names count."""
+    if parent.state != "FAILURE":
+        return False
+    return not parent.attempts or run.task_name in parent.link_error
 
 
 def _first_arg(run: TaskRun) -> Any:

@@ -126,6 +126,8 @@ class TaskRun:
     lost: bool = False
     # The task that published it (Celery's ``parent_id``): a canvas's links and errbacks.
     parent_id: str | None = None
+    # The names of the tasks its ``link_error`` calls when it fails for good.
+    link_error: tuple[str, ...] = ()
     # A task that never ran, failed in the result backend by Celery when an earlier member of
     # its canvas failed for good (a chain's later tasks, a chord's callback): that exception.
     stored_exception: BaseException | None = None

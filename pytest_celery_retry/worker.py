@@ -32,7 +32,7 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
-from .canvas import CanvasRun, stored_exception, unlock_hint
+from .canvas import CanvasRun, stored_exception, task_names, unlock_hint
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
@@ -466,7 +466,11 @@ class RetryWorker:
         run = self.runs.get(request.id)
         if run is None:
             run = self.runs[request.id] = TaskRun(
-                request.id, request.name, seed=self.settings.seed, parent_id=request.parent_id
+                request.id,
+                request.name,
+                seed=self.settings.seed,
+                parent_id=request.parent_id,
+                link_error=task_names(request.errbacks),
             )
         return run
 

@@ -235,6 +235,23 @@ class TestErrbacks:
         assert canvas.errback_times == [0.2]
         assert "errbacks called 1 time(s)" in canvas.timeline()
 
+    def test_an_immutable_errback_counts_and_a_task_the_body_sent_does_not(
+        self, app, tasks, retry_worker
+    ):
+        @app.task(name="canvas.alerting", bind=True, max_retries=1, shared=False)
+        def alerting(self: Any) -> None:
+            tasks["add"].delay(1)  # its own work, published before it fails
+            raise self.retry(exc=ValueError("down"), countdown=3)
+
+        result = alerting.apply_async(link_error=tasks["errback"].si("order 7"))
+        retry_worker.run_until_idle()
+
+        canvas = retry_worker.canvas(result)
+
+        assert [run.result for run in canvas.errbacks] == ["cleaned up after order 7"]
+        assert [run.result for run in canvas.children] == [1, 1]  # one per attempt
+        assert canvas.errback_times == [3]
+
     def test_link_callbacks_are_children(self, tasks, retry_worker):
         result = tasks["flaky"].apply_async((5,), link=tasks["add"].s(1))
         retry_worker.run_until_idle()

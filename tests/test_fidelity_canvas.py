@@ -27,6 +27,7 @@ from celery.contrib.testing.worker import start_worker
 
 from pytest_celery_retry import CanvasRun, EndlessRetryError
 from pytest_celery_retry.app_state import reset_connections
+from pytest_celery_retry.canvas import task_names
 from pytest_celery_retry.records import Attempt, AttemptOutcome, TaskRun
 from tests.conftest import NATIVE_JOIN_WAIT, make_app
 from tests.test_fidelity import (
@@ -272,7 +273,10 @@ class AttemptRecorder:
             run = self.runs.get(task_id)
             if run is None:
                 run = self.runs[task_id] = TaskRun(
-                    task_id, task.name, parent_id=task.request.parent_id
+                    task_id,
+                    task.name,
+                    parent_id=task.request.parent_id,
+                    link_error=task_names(task.request.errbacks),
                 )
             self._order += 1
             now = time.monotonic()
