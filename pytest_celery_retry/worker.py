@@ -604,7 +604,7 @@ class RetryWorker:
         from celery.canvas import Signature, group
 
         if isinstance(task, Signature) and isinstance(_final_signature(task), group):
-            what = "a group" if isinstance(task, group) else "a chain that ends with a group"
+            what = "a group" if isinstance(task, group) else "a canvas that ends with a group"
             raise UsageError(
                 f"apply({task!r}): {what} has no single run to return. Publish it with "
                 ".delay() (request the flaky_broker fixture first), run its tasks with "
