@@ -21,6 +21,7 @@ from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_publish_retries,
     assert_retried,
 )
+from .canvas import CanvasRun  # noqa: E402
 from .clock import VirtualClock  # noqa: E402
 from .errors import (  # noqa: E402
     BlocksForeverError,
@@ -74,6 +75,7 @@ __all__ = [
     "BrokerDownError",
     "BrokerOperation",
     "BrokerProxy",
+    "CanvasRun",
     "CeleryRetryError",
     "ConfigurationError",
     "ConnectionAttempt",

@@ -190,10 +190,24 @@ def celery_retry_flavor() -> str | None:
 
 
 @pytest.fixture
-def celery_retry_session(pytestconfig: pytest.Config) -> Iterator[RetrySession]:
+def celery_retry_result_backend(pytestconfig: pytest.Config) -> str | None:
+    """The result backend installed for the test (the ini option; None keeps the app's own).
+
+    Override it for a backend without a native chord join, e.g. ``f"file://{tmp_path}"``.
+    """
+    return pytestconfig.stash[SETTINGS].result_backend
+
+
+@pytest.fixture
+def celery_retry_session(
+    pytestconfig: pytest.Config, celery_retry_result_backend: str | None
+) -> Iterator[RetrySession]:
     """The test's virtual clock and everything the plugin installed, undone at teardown."""
     # A copy: a test may change its own settings (retry_worker.settings.max_attempts = 20).
-    session = RetrySession(settings=dataclasses.replace(pytestconfig.stash[SETTINGS])).start()
+    settings = dataclasses.replace(
+        pytestconfig.stash[SETTINGS], result_backend=celery_retry_result_backend
+    )
+    session = RetrySession(settings=settings).start()
     try:
         yield session
     finally:

@@ -107,6 +107,9 @@ class Attempt:
     # duplicate (a copy a visibility sweep restored, or a message whose ack was lost).
     duplicate_of: int | None = None
     note: str = ""
+    # Its place among all the attempts the worker ran (1, 2, ...): orders attempts that
+    # started at the same virtual time (a chord's callback after the unlock that sent it).
+    order: int = 0
 
     @property
     def state(self) -> str:
@@ -133,6 +136,13 @@ class TaskRun:
     # What the broker did to its messages held past a limit (a visibility sweep restoring
     # one, RabbitMQ closing the channel for consumer_timeout), in the order it happened.
     limit_events: list[MessageEvent] = field(default_factory=list)
+    # The task that published it (Celery's ``parent_id``): a canvas's links and errbacks.
+    parent_id: str | None = None
+    # The names of the tasks its ``link_error`` calls when it fails for good.
+    link_error: tuple[str, ...] = ()
+    # A task that never ran, failed in the result backend by Celery when an earlier member of
+    # its canvas failed for good (a chain's later tasks, a chord's callback): that exception.
+    stored_exception: BaseException | None = None
 
     @property
     def countdowns(self) -> list[float]:
@@ -156,6 +166,8 @@ class TaskRun:
     @property
     def state(self) -> RunState:
         last = self.last
+        if last is None and self.stored_exception is not None:
+            return "FAILURE"
         if last is None or last.outcome is None:
             return "PENDING"
         if last.outcome == "success" and not last.retry_published:
@@ -174,7 +186,9 @@ class TaskRun:
     def exception(self) -> BaseException | None:
         """The exception that ended the task (None unless the run failed)."""
         last = self.last
-        return last.raised if last is not None and self.state == "FAILURE" else None
+        if last is None:
+            return self.stored_exception
+        return last.raised if self.state == "FAILURE" else None
 
     @property
     def elapsed(self) -> float:
@@ -219,6 +233,12 @@ class TaskRun:
             )
         if self.lost:
             summary += " -- the task is LOST: its retry message never reached the broker"
+        if not self.attempts and self.stored_exception is not None:
+            summary = (
+                "final: FAILURE without running: the result backend holds "
+                f"{describe_exception(self.stored_exception)}, stored when an earlier member "
+                "of its canvas failed"
+            )
         return f"{title}\n{_indent(table)}\n{summary}"
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ nothing is due, it moves the virtual clock to the next of those moments instead 
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -31,6 +32,7 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
+from .canvas import CanvasRun, stored_exception, task_names, unlock_hint
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
@@ -155,6 +157,7 @@ class RetryWorker:
         self._reports: _Reports | None = None
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
+        self._attempt_order = itertools.count(1)
 
     @property
     def clock(self) -> VirtualClock:
@@ -181,7 +184,9 @@ class RetryWorker:
         through the broker as it is, faults included. Options go to ``apply_async``. Other
         messages run as they become due meanwhile; what is left afterwards (what the task's
         last attempt sent, for instance) waits for ``run_until_idle()``. For a chain, the
-        run of its last task (without attempts if an earlier task failed).
+        run of its last task; for a chord, its callback's. A task that never ran because an
+        earlier member failed for good is a run without attempts holding the exception
+        Celery stored for it (see :meth:`canvas` for every member).
         """
         self._check_schedule(options)
         check_retry_policy(options.get("retry_policy"), "retry_policy")
@@ -204,11 +209,7 @@ class RetryWorker:
                     ) from exc
             self._work(installed, until=task_id, max_attempts=max_attempts, caller="apply")
         run = self.runs.get(task_id)
-        if run is None:
-            # A chain's last task never runs once an earlier one failed: a run without attempts.
-            last = getattr(signature, "tasks", None) or [signature]
-            run = TaskRun(task_id, last[-1].task, seed=self.settings.seed)
-        return run
+        return run if run is not None else self._never_ran(app, signature, task_id)
 
     def run_until_idle(
         self, app: Any = None, *, max_attempts: int | None = None
@@ -259,6 +260,20 @@ class RetryWorker:
                 f"no task with id {task_id!r} has run on this worker; known ids: "
                 f"{', '.join(self.runs) or 'none'}"
             ) from None
+
+    def canvas(self, result: Any) -> CanvasRun:
+        """The runs of the canvas (chain, group, chord) whose result ``result`` is.
+
+        ``result`` is what ``.delay()``/``apply_async()`` returned for it, an ``AsyncResult``
+        or a ``GroupResult``: its tree names the canvas's tasks. Read it after the worker ran
+        them (``run_until_idle()``).
+        """
+        if not isinstance(getattr(result, "id", None), str):
+            raise UsageError(
+                f"canvas({result!r}): pass the AsyncResult or GroupResult that .delay() or "
+                "apply_async() returned for the canvas"
+            )
+        return CanvasRun.from_result(result, self.runs, self.settings.seed)
 
     def run(self, task_id: str) -> TaskRun:
         """Deprecated: :meth:`task_run` (``run`` reads as running a task, as in run_until_idle)."""
@@ -340,6 +355,7 @@ class RetryWorker:
             started_at=self.clock.now(),
             t=self.clock.elapsed,
             redelivered=bool((request.delivery_info or {}).get("redelivered")),
+            order=next(self._attempt_order),
         )
         if attempt.redelivered:  # a copy that runs again was taken back and delivered again
             attempt.duplicate_of = next(
@@ -484,7 +500,13 @@ class RetryWorker:
     def _run_for(self, request: Any) -> TaskRun:
         run = self.runs.get(request.id)
         if run is None:
-            run = self.runs[request.id] = TaskRun(request.id, request.name, seed=self.settings.seed)
+            run = self.runs[request.id] = TaskRun(
+                request.id,
+                request.name,
+                seed=self.settings.seed,
+                parent_id=request.parent_id,
+                link_error=task_names(request.errbacks),
+            )
         return run
 
     def _consumer(self, installed: AppInstallation) -> Consumer:
@@ -600,16 +622,34 @@ class RetryWorker:
                 del task.serializer
             task._exec_options = None
 
+    def _never_ran(self, app: Any, signature: Any, task_id: str) -> TaskRun:
+        """The run of a canvas's task that never ran: what the result backend holds for it.
+
+        Celery fails a chain's later tasks, or a chord's callback, in the result backend when
+        a member fails for good; anything else (a lost member, no backend) is refused.
+        """
+        name = _final_signature(signature).task
+        exc = stored_exception(app.AsyncResult(task_id))
+        if exc is None:
+            raise UsageError(
+                f"apply({signature!r}): no task ran under the id it returns ({name}[{task_id}]) "
+                "and the result backend holds no outcome for it. Publish the canvas with "
+                ".delay() instead, run it with retry_worker.run_until_idle(), and read "
+                "retry_worker.canvas(result) for every member's run"
+            )
+        return TaskRun(task_id, name, seed=self.settings.seed, stored_exception=exc)
+
     def _signature(
         self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
     ) -> Any:
         from celery.canvas import Signature, group
 
-        if isinstance(task, group):
+        if isinstance(task, Signature) and isinstance(_final_signature(task), group):
+            what = "a group" if isinstance(task, group) else "a canvas that ends with a group"
             raise UsageError(
-                "apply(group(...)): a group has no run of its own. Publish it with "
-                "group(...).delay() (request the flaky_broker fixture first) and run its tasks "
-                "with retry_worker.run_until_idle()"
+                f"apply({task!r}): {what} has no single run to return. Publish it with "
+                ".delay() (request the flaky_broker fixture first), run its tasks with "
+                "retry_worker.run_until_idle(), and read retry_worker.canvas(result)"
             )
         if isinstance(task, str):
             raise UsageError(
@@ -716,10 +756,24 @@ class RetryWorker:
         doing = "retrying" if last is not None and last.retry_published else "delivered again"
         return (
             f"{run.task_name}[{run.task_id}] was still {doing} after {len(run.attempts)} "
-            f"attempts: {why}. If more attempts are intended, raise the limit: "
+            f"attempts: {why}.{unlock_hint(run)}. If more attempts are intended, raise the limit: "
             "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
             f"option celery_retry_max_attempts.\n{tail}"
         )
+
+
+def _final_signature(signature: Any) -> Any:
+    """The part of a canvas whose result ``apply_async`` returns: a chain's last task, a
+    chord's callback (a group stays a group)."""
+    from celery.canvas import _chain, chord
+
+    while True:
+        if isinstance(signature, _chain) and signature.tasks:
+            signature = signature.tasks[-1]
+        elif isinstance(signature, chord):
+            signature = signature.body
+        else:
+            return signature
 
 
 @dataclass
