@@ -23,6 +23,7 @@ from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
 )
 from .clock import VirtualClock  # noqa: E402
 from .errors import (  # noqa: E402
+    AttemptHookError,
     CeleryRetryError,
     ConfigurationError,
     EndlessRetryError,
@@ -69,6 +70,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ArgumentEncodeError",
+    "AttemptHookError",
     "Attempt",
     "BrokerDownError",
     "BrokerOperation",

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import cast
 
 __all__ = [
+    "AttemptHookError",
     "CeleryRetryError",
     "ConfigurationError",
     "EndlessRetryError",
@@ -29,6 +30,10 @@ class UsageError(CeleryRetryError, ValueError):
 
 class EndlessRetryError(CeleryRetryError):
     """A task kept retrying past the attempt limit: probably ``max_retries=None`` forever."""
+
+
+class AttemptHookError(CeleryRetryError):
+    """A test's ``before_attempt`` hook raised: the test fails with it, not the task."""
 
 
 class ConfigurationError(CeleryRetryError):

@@ -53,8 +53,9 @@ class Flavor:
     # The environment variable that gives ``broker_proxy`` a real broker, and an example URL.
     url_variable: ClassVar[str]
     example_url: ClassVar[str]
-    # The broker cannot take back what a lost connection left unacknowledged while it is
-    # down: the messages wait (``unacked``) for a visibility sweep of :meth:`visibility`.
+    # The client, not the broker, gives back what a closing connection left unacknowledged:
+    # while the broker is down, or when the client's process died, the messages wait
+    # (``unacked``) for a visibility sweep of :meth:`visibility`.
     parks_unacked_while_down: ClassVar[bool] = False
     # The client reconnects by itself for a command (a publish, an ack) on a connection an
     # outage cut; only a consumer's reading connection is seen to break.

@@ -31,6 +31,7 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
+from .attempt_hooks import AttemptHooks, Hook
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
@@ -44,6 +45,7 @@ from .records import (
     describe_exception,
     parse_eta,
 )
+from .redelivery import WHEN, RedeliveryPlan, When
 from .session import AppInstallation, RetrySession, Settings
 from .side_effects import CallContext, Tracked
 from .task_time import TaskTime
@@ -151,6 +153,8 @@ class RetryWorker:
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
         self._tracked: list[Tracked] = []
+        self._redeliveries = RedeliveryPlan()
+        self._hooks = AttemptHooks()
 
     @property
     def clock(self) -> VirtualClock:
@@ -239,12 +243,59 @@ class RetryWorker:
         ``reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
         it was acknowledged when accepted and the task fails with ``WorkerLostError``.
         """
-        name = task if isinstance(task, str) else getattr(task, "name", None)
-        if not isinstance(name, str):
-            raise UsageError(f"crash_during({task!r}): pass a task, a signature or a task name")
+        name = _task_name("crash_during", task)
         if not is_whole_number(times) or times < 1:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
         self._crashes[name] = self._crashes.get(name, 0) + times
+
+    def redeliver(self, task: Any = None, times: int = 1, when: When = "after_run") -> None:
+        """Make the broker deliver each message of ``task`` (every task with None) again.
+
+        The first ``times`` deliveries of each message (the first, and each retry's) are lost
+        as ``when`` says, and Celery and the broker decide what comes back, as they do:
+
+        - ``"after_run"``: the worker dies after the task body ran, before its ack left (a
+          restart, SIGKILL, a lost host). An ``acks_late`` task's message is delivered again
+          (RabbitMQ at once; Redis at a visibility sweep after ``visibility_timeout``); a
+          task acked early was acked when the worker accepted it, and is not.
+        - ``"during_run"``: the worker process running it dies as the task starts, as
+          :meth:`crash_during`: delivered again with ``acks_late`` and
+          ``reject_on_worker_lost`` only.
+        """
+        name = None if task is None else self._known_task("redeliver", task)
+        if not is_whole_number(times) or times < 1:
+            raise UsageError(
+                f"redeliver(times={times!r}): how many times each message is delivered again, "
+                "a whole number >= 1"
+            )
+        if when not in WHEN:
+            raise UsageError(f"redeliver(when={when!r}): choose {' or '.join(map(repr, WHEN))}")
+        self._redeliveries.add(name, times, when)
+
+    def before_attempt(self, task: Any, n: int | None = None, fn: Hook | None = None) -> Any:
+        """Run ``fn`` before attempt ``n`` of ``task`` (before every attempt with None).
+
+        ``n`` counts as ``Attempt.number``: every execution of the task id, a redelivered
+        message's included (``request.retries + 1`` while nothing is redelivered). ``fn``
+        runs on the virtual clock after the attempt's message was fetched and before its
+        body; it takes no arguments, or the attempt's number when ``n`` is None. Without
+        ``fn``, a decorator. What ``fn`` raises fails the test (``AttemptHookError``).
+        """
+        name = self._known_task("before_attempt", task)
+        if n is not None and (not is_whole_number(n) or n < 1):
+            raise UsageError(
+                f"before_attempt({name!r}, n={n!r}): the attempt's number, a whole number >= 1 "
+                "(1 is the first execution), or None for every attempt"
+            )
+        if fn is not None:
+            self._hooks.add(name, n, fn)
+            return fn
+
+        def register(function: Hook) -> Hook:
+            self._hooks.add(name, n, function)
+            return function
+
+        return register
 
     def track(self, target: Any, attribute: str, name: str | None = None) -> SideEffect:
         """Record every call of ``target.attribute`` (a function the tasks call) until teardown.
@@ -313,6 +364,11 @@ class RetryWorker:
             if len(run.attempts) >= limit:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
+            try:
+                self._hooks.run(run.task_name, run.task_id, len(run.attempts) + 1)
+            except BaseException:
+                consumer.ready.appendleft(request)
+                raise
             self._execute(request, run, consumer)
 
     def _finished(self, task_id: str) -> bool:
@@ -345,13 +401,11 @@ class RetryWorker:
         run.attempts.append(attempt)
         deliveries_before = broker.delivery_count
         events_before = len(self.events)
-        crash: WorkerLostError | None = None
-        if self._crashes.get(run.task_name, 0) > 0:
-            self._crashes[run.task_name] -= 1
-            crash = self._pool.crash_next = WorkerLostError(
-                "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
-            )
+        lose = self._redeliveries.lose(run.task_name, _delivery(run, attempt))
+        crash = self._pool.crash_next = self._crash_for(run.task_name, lose)
         reports = self._reports = _Reports(run.task_id, attempt, run)
+        if lose == "after_run":
+            reports.dies_after_run = consumer
         revoked: TaskRevokedError | None = None
         try:
             with remembered_tracebacks():
@@ -361,6 +415,8 @@ class RetryWorker:
         finally:
             self._reports = None
         self._record_reports(attempt, reports)
+        if reports.died:
+            self._record_death(attempt, reports)
         if revoked is not None:
             attempt.outcome, attempt.exc, attempt.raised = "failure", revoked, revoked
             attempt.note = "revoked (expired or revoked before it ran)"
@@ -389,6 +445,30 @@ class RetryWorker:
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
 
+    def _crash_for(self, task_name: str, lose: When | None) -> WorkerLostError | None:
+        """The error the attempt's worker process is to die with, if it is to die."""
+        if lose == "during_run":
+            by = "retry_worker.redeliver(when='during_run')"
+        elif self._crashes.get(task_name, 0) > 0:
+            self._crashes[task_name] -= 1
+            by = "crash_during"
+        else:
+            return None
+        return WorkerLostError(f"Worker exited prematurely: signal 9 (SIGKILL) (simulated by {by})")
+
+    @staticmethod
+    def _record_death(attempt: Attempt, reports: _Reports) -> None:
+        """The worker died after the attempt's body ran (``redeliver(when="after_run")``)."""
+        died = "the worker died after the run (retry_worker.redeliver)"
+        if reports.failed_settlement is not None:
+            attempt.ack_failed = True
+            attempt.note = (
+                f"{died} before its {reports.failed_settlement} left: the broker still holds "
+                "the message"
+            )
+        else:
+            attempt.note = f"{died}; the message was acked when it was accepted: not redelivered"
+
     @staticmethod
     def _record_reports(attempt: Attempt, reports: _Reports) -> None:
         """Record what Celery's signals and the consumer reported while the attempt ran."""
@@ -401,7 +481,7 @@ class RetryWorker:
                 attempt.result = reports.returned
         attempt.raised = reports.raised
         attempt.requeued = reports.requeued
-        if reports.failed_settlement is not None:
+        if reports.failed_settlement is not None and not reports.died:
             attempt.ack_failed = True
             attempt.note = (
                 f"{reports.failed_settlement} failed: the broker was unreachable and still "
@@ -485,6 +565,18 @@ class RetryWorker:
         reports = self._reports
         return reports if reports is not None and task_id == reports.task_id else None
 
+    def _known_task(self, call: str, task: Any) -> str:
+        """The name of ``task``; a name must be registered on an app the worker serves."""
+        name = _task_name(call, task)
+        apps = [installed.app for installed in self._session.installations.values()]
+        if isinstance(task, str) and not any(name in app.tasks for app in apps):
+            known = sorted({n for app in apps for n in app.tasks if not n.startswith("celery.")})
+            raise UsageError(
+                f"{call}({task!r}): no app of this test registers a task named {task!r}; "
+                f"pass the task object, or one of: {', '.join(known) or 'none'}"
+            )
+        return name
+
     def _call_context(self) -> CallContext:
         """Which attempt a tracked function is called in: the one running, if any."""
         reports = self._reports
@@ -496,7 +588,7 @@ class RetryWorker:
             attempt.task_name,
             attempt.number,
             attempt.retries,
-            delivery=sum(1 for a in reports.run.attempts if a.retries == attempt.retries),
+            delivery=_delivery(reports.run, attempt),
             redelivered=attempt.redelivered,
         )
 
@@ -507,8 +599,8 @@ class RetryWorker:
             return
         if action == "requeued":
             reports.requeued = True
-        elif action.endswith(" failed"):
-            reports.failed_settlement = action[: -len(" failed")]
+        elif action.endswith((" failed", " lost")):
+            reports.failed_settlement = action.rsplit(" ", 1)[0]
 
     def _on_postrun(
         self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
@@ -516,6 +608,11 @@ class RetryWorker:
         reports = self._reporting(task_id)
         if reports is None:
             return
+        if reports.dies_after_run is not None:
+            # The body ran and the tracer stored its outcome: what the worker sends after it
+            # (an acks_late ack, a reject) is lost with it.
+            reports.dies_after_run.die(f"after running {task_id} (retry_worker.redeliver)")
+            reports.died = True
         reports.state, reports.returned = state or "", retval
         if isinstance(retval, BaseException):
             reports.raised = retval
@@ -737,6 +834,21 @@ class _Reports:
     # From the consumer: the message was requeued, or its ack (reject, requeue) failed.
     requeued: bool = False
     failed_settlement: str | None = None
+    # The consumer whose worker dies once the body ran (redeliver), and whether it did.
+    dies_after_run: Consumer | None = None
+    died: bool = False
+
+
+def _task_name(call: str, task: Any) -> str:
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    if not isinstance(name, str):
+        raise UsageError(f"{call}({task!r}): pass a task, a signature or a task name")
+    return name
+
+
+def _delivery(run: TaskRun, attempt: Attempt) -> int:
+    """Which delivery of its message ``attempt`` is: 1, then 2 for its first redelivery, ..."""
+    return sum(1 for a in run.attempts if a.retries == attempt.retries)
 
 
 def _drop_tracebacks(attempt: Attempt) -> None:
