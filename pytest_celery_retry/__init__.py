@@ -70,8 +70,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ArgumentEncodeError",
-    "AttemptHookError",
     "Attempt",
+    "AttemptHookError",
     "BrokerDownError",
     "BrokerOperation",
     "BrokerProxy",

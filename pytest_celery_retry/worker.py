@@ -441,8 +441,12 @@ class RetryWorker:
                 )
                 break
         if attempt.outcome == "rejected" and not attempt.retry_published:
-            run.lost = True
-            attempt.note = "retry not published: Celery rejected the message, the task is lost"
+            if attempt.ack_failed:
+                # The broker never heard of the rejection: the message comes back.
+                attempt.note = f"retry not published: Celery rejected the message; {attempt.note}"
+            else:
+                run.lost = True
+                attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
 
     def _crash_for(self, task_name: str, lose: When | None) -> WorkerLostError | None:
