@@ -276,9 +276,9 @@ class SideEffect:
         headers = ["#", "t", "task", "attempt", "retries", "delivery", "redelivered", "arguments"]
         table = format_table([*headers, "outcome"], rows) if rows else "  (no calls)"
         ids = self.task_ids or list(self.runs)
-        runs = "\n".join(self.runs[task_id].timeline() for task_id in ids if task_id in self.runs)
+        runs = "\n\n".join(self.runs[task_id].timeline() for task_id in ids if task_id in self.runs)
         head = f"calls of {self.name} ({len(self.calls)})"
-        return f"{head}\n{_indent(table) if rows else table}\n{runs}".rstrip()
+        return f"{head}\n{_indent(table) if rows else table}\n\n{runs}".rstrip()
 
 
 def _or_dash(value: int | None) -> str:
