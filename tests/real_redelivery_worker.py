@@ -2,11 +2,12 @@
 
 Run by tests/test_real_redelivery.py, one process per worker:
 ``python real_redelivery_worker.py <broker url> <queue> <record file> <acks_late 0|1>``.
-The task appends what Celery told it (task id, retries, redelivered) to the record file. Once
-the tracer is done (``task_postrun``: the body ran, its result is handled) the whole worker
-dies of SIGKILL, its main process first, unless the message was a redelivery: what
-``retry_worker.redeliver(task, when="after_run")`` simulates. The next worker started on the
-queue shows whether, and when, the broker delivers the message again.
+The worker appends a line to the record file when it is ready, the task one with what Celery
+told it (task id, retries, redelivered). Once the tracer is done (``task_postrun``: the body
+ran, its result is handled) the whole worker dies of SIGKILL, its main process first, unless
+the message was a redelivery: what ``retry_worker.redeliver(task, when="after_run")``
+simulates. The next worker started on the queue shows whether, and when, the broker delivers
+the message again.
 
 The pool is prefork, as in production: its main process acks an early-acked message when the
 child accepts the job (the solo pool sends that ack only after the body, so a worker killed
@@ -24,7 +25,7 @@ import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_postrun
+from celery.signals import task_postrun, worker_ready
 
 # A visibility sweep every second, for messages unacknowledged for 3 s (redis; kombu 5.7).
 VISIBILITY_TIMEOUT = 3
@@ -73,6 +74,11 @@ def main(url: str, queue: str, record: str, acks_late: bool) -> None:
         with open(record, "a") as out:
             out.write(json.dumps(line) + "\n")
         time.sleep(1)
+
+    @worker_ready.connect(weak=False)
+    def ready(**_: Any) -> None:
+        with open(record, "a") as out:
+            out.write(json.dumps({"ready": time.time()}) + "\n")
 
     @task_postrun.connect(weak=False)
     def die_after_the_run(task: Any = None, **_: Any) -> None:

@@ -30,10 +30,18 @@ FLAVOR = {"amqp": "pyamqp", "redis": "redis"}
 START_UP = 20.0
 
 
-def read_runs(record: Path) -> list[dict[str, Any]]:
+def read_lines(record: Path) -> list[dict[str, Any]]:
     if not record.exists():
         return []
     return [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
+
+
+def read_runs(record: Path) -> list[dict[str, Any]]:
+    return [line for line in read_lines(record) if "id" in line]
+
+
+def readies(record: Path) -> int:
+    return sum(1 for line in read_lines(record) if "ready" in line)
 
 
 def start_worker(url: str, queue: str, record: Path, acks_late: bool) -> subprocess.Popen[bytes]:
@@ -95,9 +103,10 @@ def test_real_worker_killed_after_the_run(kind: str, acks_late: bool, tmp_path: 
         assert workers[0].wait(START_UP + 10) == -9, "the first worker was not killed"
         first_at = read_runs(record)[0]["at"]
         workers.append(start_worker(url, queue, record, acks_late))
+        assert wait_until(lambda: readies(record) == 2, START_UP), "the second worker is not up"
         # Wait for a second run, or long enough for one to come (redis: the sweep after
-        # visibility_timeout, from the second worker's start).
-        wait_until(lambda: len(read_runs(record)) == 2, START_UP + VISIBILITY_TIMEOUT + 5)
+        # visibility_timeout; the second worker sweeps every second).
+        wait_until(lambda: len(read_runs(record)) == 2, VISIBILITY_TIMEOUT + 3)
         time.sleep(1.0)  # room for a third
     finally:
         for worker in workers:
