@@ -60,6 +60,9 @@ class Flavor:
     # The client reconnects by itself for a command (a publish, an ack) on a connection an
     # outage cut; only a consumer's reading connection is seen to break.
     client_reconnects: ClassVar[bool] = False
+    # A message put back on its queue carries a ``redelivered`` header too (which Celery's
+    # worker hands the task as ``request.redelivered``), not only the delivery's flag.
+    marks_redelivered_header: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -148,6 +151,8 @@ class Redis(Flavor):
     # kombu's redis QoS restores with Redis commands, which fail while Redis is down.
     parks_unacked_while_down = True
     client_reconnects = True
+    # kombu's redis transport marks the payload it restores (Channel._do_restore_message).
+    marks_redelivered_header = True
 
     def real_transport(self) -> type:
         # kombu's redis transport imports without redis-py and then fails defining its client

@@ -41,6 +41,7 @@ class Broker(Protocol):
     clock: VirtualClock
     queues: dict[str, Queue[Any]]
     exchange_state: virtual.BrokerState
+    rules: Flavor
 
     def on_connect(self, client: Client) -> None:
         """Raise the connect's fault, if any; record the connect."""
@@ -113,6 +114,8 @@ class _Channel(memory.Channel):
         # What the worker's Request reads as delivery_info["redelivered"]: RabbitMQ's flag
         # on the delivery, kombu's redis transport's mark on the message it puts back.
         message.delivery_info["redelivered"] = True
+        if self.connection.broker.rules.marks_redelivered_header:
+            message.headers["redelivered"] = True
         self._restoring = True
         try:
             super()._restore(message)

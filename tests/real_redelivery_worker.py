@@ -68,6 +68,7 @@ def main(url: str, queue: str, record: str, acks_late: bool) -> None:
             "id": request.id,
             "retries": request.retries,
             "redelivered": bool((request.delivery_info or {}).get("redelivered")),
+            "header": getattr(request, "redelivered", None),
             "order": order,
             "at": time.time(),
         }
