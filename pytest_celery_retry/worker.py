@@ -154,6 +154,8 @@ class RetryWorker:
         self._crashes: dict[str, int] = {}
         self._tracked: list[Tracked] = []
         self._redeliveries = RedeliveryPlan()
+        # How often each message, by (task id, retries), has been executed.
+        self._deliveries: dict[tuple[str, int], int] = {}
         self._hooks = AttemptHooks()
 
     @property
@@ -401,9 +403,13 @@ class RetryWorker:
         run.attempts.append(attempt)
         deliveries_before = broker.delivery_count
         events_before = len(self.events)
-        lose = self._redeliveries.lose(run.task_name, _delivery(run, attempt))
+        # Which delivery of its message this is: the broker's copies of one message share
+        # the task id and retries.
+        copies = (run.task_id, attempt.retries)
+        delivery = self._deliveries[copies] = self._deliveries.get(copies, 0) + 1
+        lose = self._redeliveries.lose(run.task_name, delivery)
         crash = self._pool.crash_next = self._crash_for(run.task_name, lose)
-        reports = self._reports = _Reports(run.task_id, attempt, run)
+        reports = self._reports = _Reports(run.task_id, attempt, delivery)
         if lose == "after_run":
             reports.dies_after_run = consumer
         revoked: TaskRevokedError | None = None
@@ -592,7 +598,7 @@ class RetryWorker:
             attempt.task_name,
             attempt.number,
             attempt.retries,
-            delivery=_delivery(reports.run, attempt),
+            delivery=reports.delivery,
             redelivered=attempt.redelivered,
         )
 
@@ -825,9 +831,9 @@ class _Reports:
     """
 
     task_id: str
-    # The attempt running, and its run (for the calls of tracked side effects).
+    # The attempt running, and which delivery of its message it is (1, 2, ...).
     attempt: Attempt
-    run: TaskRun
+    delivery: int
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     # The tracer's final state (task_postrun), and what it returned or raised.
@@ -848,11 +854,6 @@ def _task_name(call: str, task: Any) -> str:
     if not isinstance(name, str):
         raise UsageError(f"{call}({task!r}): pass a task, a signature or a task name")
     return name
-
-
-def _delivery(run: TaskRun, attempt: Attempt) -> int:
-    """Which delivery of its message ``attempt`` is: 1, then 2 for its first redelivery, ..."""
-    return sum(1 for a in run.attempts if a.retries == attempt.retries)
 
 
 def _drop_tracebacks(attempt: Attempt) -> None:
