@@ -229,3 +229,57 @@ def test_idempotency_through_pytest(pytester: pytest.Pytester) -> None:
             "E*the worker died after the run*",
         ]
     )
+
+
+def test_the_marker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from celery import Celery
+
+        app = Celery("shop", broker="amqp://localhost//", set_as_current=False)
+        app.conf.task_acks_late = True
+
+        @app.task(name="ship")
+        def ship(order_id):
+            return order_id
+
+        @app.task(name="bill")
+        def bill(order_id):
+            return order_id
+
+        @pytest.fixture
+        def celery_retry_app():
+            return app
+
+        pytestmark = pytest.mark.redeliver()
+
+        def test_every_task_runs_twice(retry_worker):
+            assert [a.redelivered for a in retry_worker.apply(ship, args=(1,)).attempts] == [
+                False,
+                True,
+            ]
+            assert len(retry_worker.apply(bill, args=(1,)).attempts) == 2
+
+        @pytest.mark.redeliver("bill", times=2)
+        def test_one_task_three_times(retry_worker):
+            assert len(retry_worker.apply(ship, args=(1,)).attempts) == 1
+            assert len(retry_worker.apply(bill, args=(1,)).attempts) == 3
+
+        @pytest.mark.redeliver(when="soon")
+        def test_bad_when(retry_worker):
+            pass
+
+        @pytest.mark.redeliver(task="bill", count=2)
+        def test_bad_keyword(retry_worker):
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*UsageError: @pytest.mark.redeliver: redeliver(when='soon'): choose*",
+            "*UsageError: @pytest.mark.redeliver() {'task': 'bill', 'count': 2}: it takes task=*",
+        ]
+    )
