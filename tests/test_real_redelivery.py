@@ -101,6 +101,11 @@ def wait_until(condition: Any, seconds: float) -> bool:
 @pytest.mark.parametrize("kind", ["amqp", "redis"])
 def test_real_worker_killed_after_the_run(kind: str, acks_late: bool, tmp_path: Path) -> None:
     url = real_broker_url(kind)
+    if kind == "redis":
+        from kombu.transport import redis as redis_transport
+
+        if not hasattr(redis_transport.Channel, "unacked_restore_interval"):
+            pytest.skip("kombu < 5.7 sweeps every 100 s: too slow to wait for here")
     queue = f"celery-retry-redeliver-{uuid.uuid4().hex[:12]}"
     record = tmp_path / "runs.jsonl"
     app = make_app(url, queue, acks_late)
