@@ -20,10 +20,12 @@ from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_not_retried,
     assert_publish_retries,
     assert_retried,
+    assert_side_effect,
 )
 from .canvas import CanvasRun  # noqa: E402
 from .clock import VirtualClock  # noqa: E402
 from .errors import (  # noqa: E402
+    AttemptHookError,
     BlocksForeverError,
     CeleryRetryError,
     ConfigurationError,
@@ -40,6 +42,8 @@ from .records import (  # noqa: E402
     ProxyEvent,
     PublishRecord,
     Redelivery,
+    SideEffect,
+    SideEffectCall,
     TaskRun,
     UnackedMessage,
 )
@@ -71,6 +75,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ArgumentEncodeError",
     "Attempt",
+    "AttemptHookError",
     "BlocksForeverError",
     "BrokerDownError",
     "BrokerOperation",
@@ -87,6 +92,8 @@ __all__ = [
     "PublishRecord",
     "Redelivery",
     "RetryWorker",
+    "SideEffect",
+    "SideEffectCall",
     "TaskRun",
     "UnackedMessage",
     "UsageError",
@@ -98,4 +105,5 @@ __all__ = [
     "assert_not_retried",
     "assert_publish_retries",
     "assert_retried",
+    "assert_side_effect",
 ]

@@ -21,7 +21,8 @@ import base64
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any, Literal
@@ -168,6 +169,8 @@ class InMemoryBroker:
         self._outage_starts: list[tuple[float, int]] = []
         self._events = itertools.count()
         self._suspended = 0
+        # A client is closing whose process died: it gives nothing back itself.
+        self._client_died = False
         self._publish_seq = -1
         # Which task the producer's next operations are for (the session's, shared by its brokers).
         self._announced = announcements or PublishAnnouncements()
@@ -333,6 +336,15 @@ class InMemoryBroker:
         """Context manager: operations inside succeed and are not counted against faults."""
         return _Suspended(self)
 
+    @contextmanager
+    def client_died(self, died: bool = True) -> Iterator[None]:
+        """Connections closed inside belong to a worker that died (with ``died``)."""
+        self._client_died = died
+        try:
+            yield
+        finally:
+            self._client_died = False
+
     # -- records ---------------------------------------------------------------------------
     @property
     def connection_attempts(self) -> list[BrokerOperation]:
@@ -444,7 +456,7 @@ class InMemoryBroker:
             self._record("close", client.role, None, None, hung=hung)
 
     def on_restore(self, message: Any) -> bool:
-        if self.rules.parks_unacked_while_down and self.is_down:
+        if self.rules.parks_unacked_while_down and (self.is_down or self._client_died):
             # The message stays in the ``unacked`` hash until a visibility sweep finds it.
             self._unacked.setdefault(
                 message.delivery_tag, UnackedMessage(self.clock.elapsed, message)

@@ -100,6 +100,9 @@ class Consumer:
         self.checked_at: float | None = None
         # Why the connection is known to be dead before the next poll (a failed ack).
         self.broken_by: str | None = None
+        # Why the worker is dead (retry_worker.redeliver): it sends nothing more, and the next
+        # poll is a new worker's, after the broker took back what the dead one held.
+        self.died_of: str | None = None
         self.connection = self._connect()
 
     def _connect(self) -> Any:
@@ -124,6 +127,8 @@ class Consumer:
             recoverable += tuple(self.connection.channel_errors)
         while True:
             try:
+                if self.died_of is not None:
+                    self._on_death(self.died_of)
                 if self.broken_by is not None:
                     # A real consumer's next read on the dead socket fails.
                     self._on_connection_lost(self.broken_by)
@@ -165,6 +170,24 @@ class Consumer:
         if not self.app.conf.broker_connection_retry:
             self._connection_event("worker shutdown", "broker_connection_retry=False")
             raise WorkerShutdown(1) from exc
+        self._reconnect(died=False)
+        self._connection_event("reconnected")
+
+    def die(self, reason: str) -> None:
+        """The worker dies now: what it has not acknowledged stays unacknowledged."""
+        self.died_of = reason
+        self._connection_event("worker died", reason)
+
+    def _on_death(self, reason: str) -> None:
+        # A killed worker closes nothing: the broker takes back what it held as the broker
+        # itself does that (RabbitMQ at once; on Redis the unacked hash keeps it for a
+        # visibility sweep). The restarted worker connects afresh, when it next polls.
+        self.died_of = self.broken_by = None
+        self._reconnect(died=True)
+        self._connection_event("worker restarted")
+
+    def _reconnect(self, died: bool) -> None:
+        """Drop the connection (the broker takes back what it held unacknowledged), reconnect."""
         self.ready.clear()
         self.held.clear()
         # As Celery's Consumer.on_close: the buckets keep their tokens, not their requests.
@@ -173,10 +196,9 @@ class Consumer:
                 bucket.clear_pending()
         self._limited_since.clear()
         self._rate_limit_holds.clear()
-        with self.broker.suspend_faults():
+        with self.broker.suspend_faults(), self.broker.client_died(died):
             self.connection.release()
         self.connection = self._connect()
-        self._connection_event("reconnected")
 
     def _connection_event(self, action: str, detail: str = "") -> None:
         """Record what happened to the connection itself (no task is concerned)."""
@@ -330,14 +352,15 @@ class Consumer:
             )
 
         def on_ack(*_: Any) -> None:
-            message.ack_log_error(*_)
-            self._settled(message, "acked", "ack")
+            if not self._lost(message, "ack"):
+                message.ack_log_error(*_)
+                self._settled(message, "acked", "ack")
 
         def on_reject(logger: Any, errors: Any, requeue: bool = False) -> None:
-            message.reject_log_error(logger, errors, requeue=requeue)
-            self._settled(
-                message, *(("requeued", "requeue") if requeue else ("rejected", "reject"))
-            )
+            verb = "requeue" if requeue else "reject"
+            if not self._lost(message, verb):
+                message.reject_log_error(logger, errors, requeue=requeue)
+                self._settled(message, "requeued" if requeue else "rejected", verb)
 
         return Request(
             message,
@@ -348,6 +371,19 @@ class Consumer:
             connection_errors=self.connection.connection_errors,
             task=app.tasks[name],
         )
+
+    def _lost(self, message: Any, verb: str) -> bool:
+        """Whether a dead worker was to send this ack or reject: then it never leaves."""
+        if self.died_of is None:
+            return False
+        headers = message.headers or {}
+        task_id = headers.get("id", "")
+        action = f"{verb} lost"
+        self.events.append(
+            MessageEvent(self.broker.clock.elapsed, task_id, headers.get("task", ""), action)
+        )
+        self._on_settled(task_id, action)
+        return True
 
     def _settled(self, message: Any, done: str, verb: str) -> None:
         # Celery logs a failed ack or reject and goes on; the broker still holds the message.

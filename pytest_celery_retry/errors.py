@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import cast
 
 __all__ = [
+    "AttemptHookError",
     "BlocksForeverError",
     "CeleryRetryError",
     "ConfigurationError",
@@ -35,6 +36,10 @@ class EndlessRetryError(CeleryRetryError):
 
 class WorkerStoppedError(CeleryRetryError):
     """The worker stopped as a real one would ("Unrecoverable error"): the message says why."""
+
+
+class AttemptHookError(CeleryRetryError):
+    """A test's ``before_attempt`` hook raised: the test fails with it, not the task."""
 
 
 class ConfigurationError(CeleryRetryError):

@@ -59,8 +59,9 @@ class Flavor:
     # The environment variable that gives ``broker_proxy`` a real broker, and an example URL.
     url_variable: ClassVar[str]
     example_url: ClassVar[str]
-    # The broker cannot take back what a lost connection left unacknowledged while it is
-    # down: the messages wait (``unacked``) for a visibility sweep of :meth:`visibility`.
+    # The client, not the broker, gives back what a closing connection left unacknowledged:
+    # while the broker is down, or when the client's process died, the messages wait
+    # (``unacked``) for a visibility sweep of :meth:`visibility`.
     parks_unacked_while_down: ClassVar[bool] = False
     # The client reconnects by itself for a command (a publish, an ack) on a connection an
     # outage cut; only a consumer's reading connection is seen to break.
@@ -68,6 +69,9 @@ class Flavor:
     # The in-memory broker's settings of the real broker this flavour reads
     # (``flaky_broker.consumer_timeout = ...``); the others refuse to be set.
     broker_settings: ClassVar[frozenset[str]] = frozenset()
+    # A message put back on its queue carries a ``redelivered`` header too (which Celery's
+    # worker hands the task as ``request.redelivered``), not only the delivery's flag.
+    marks_redelivered_header: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -209,6 +213,8 @@ class Redis(Flavor):
     # kombu's redis QoS restores with Redis commands, which fail while Redis is down.
     parks_unacked_while_down = True
     client_reconnects = True
+    # kombu's redis transport marks the payload it restores (Channel._do_restore_message).
+    marks_redelivered_header = True
 
     def real_transport(self) -> type:
         # kombu's redis transport imports without redis-py and then fails defining its client

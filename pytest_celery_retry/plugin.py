@@ -95,6 +95,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "redeliver(task=None, times=1, when='after_run'): the broker delivers each message of "
+        "the task (of every task) again, as retry_worker.redeliver(...) makes it",
+    )
+    config.addinivalue_line(
+        "markers",
         "real_broker: needs a real Redis or RabbitMQ (skipped without its URL; the skip fails "
         f"when {REQUIRE_REAL_BROKERS} is set)",
     )
@@ -259,6 +264,24 @@ def _celery_retry_outage_marker(request: pytest.FixtureRequest) -> None:
     # The marker works without naming the fixture in the test's arguments.
     if request.node.get_closest_marker("broker_outage") is not None:
         request.getfixturevalue("flaky_broker")
+
+
+@pytest.fixture(autouse=True)
+def _celery_retry_redeliver_marker(request: pytest.FixtureRequest) -> None:
+    # A test (or a module, with pytestmark) runs with every delivery lost as the marker says.
+    marker = request.node.get_closest_marker("redeliver")
+    if marker is None:
+        return
+    worker = request.getfixturevalue("retry_worker")
+    try:
+        worker.redeliver(*marker.args, **marker.kwargs)
+    except UsageError as exc:
+        raise UsageError(f"@pytest.mark.redeliver: {exc}") from None
+    except TypeError:
+        raise UsageError(
+            f"@pytest.mark.redeliver{marker.args!r} {marker.kwargs!r}: it takes task=None, "
+            "times=1 and when='after_run' or 'during_run', as retry_worker.redeliver()"
+        ) from None
 
 
 def _outage_options(marker: pytest.Mark) -> dict[str, Any]:

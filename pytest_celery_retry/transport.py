@@ -46,6 +46,7 @@ class Broker(Protocol):
     clock: VirtualClock
     queues: dict[str, Queue[Any]]
     exchange_state: virtual.BrokerState
+    rules: Flavor
 
     def on_connect(self, client: Client) -> None:
         """Raise the connect's fault, if any; record the connect."""
@@ -137,11 +138,15 @@ class _Channel(memory.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         if self._restoring:
             # Both real brokers deliver a message they took back with delivery_info's
-            # ``redelivered`` set (kombu's memory transport marks only the payload). A copy:
-            # the properties are those of the message a worker may still hold.
+            # ``redelivered`` set (kombu's memory transport marks only the payload); kombu's
+            # redis transport marks its headers too, which Celery's worker hands the task as
+            # ``request.redelivered``. A copy: the properties and headers are those of the
+            # message a worker may still hold.
             properties = message["properties"]
             delivery_info = {**properties.get("delivery_info", {}), "redelivered": True}
             message = {**message, "properties": {**properties, "delivery_info": delivery_info}}
+            if self.connection.broker.rules.marks_redelivered_header:
+                message["headers"] = {**message.get("headers", {}), "redelivered": True}
         elif not self.connection.broker.on_publish(
             self.connection, queue, message, kwargs.get("confirm_timeout")
         ):

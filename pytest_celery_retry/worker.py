@@ -16,7 +16,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +32,7 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
+from .attempt_hooks import AttemptHooks, Hook
 from .canvas import CanvasRun, stored_exception, task_names, unlock_hint
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
@@ -48,11 +49,14 @@ from .records import (
     Attempt,
     AttemptOutcome,
     MessageEvent,
+    SideEffect,
     TaskRun,
     describe_exception,
     parse_eta,
 )
+from .redelivery import WHEN, RedeliveryPlan, When
 from .session import AppInstallation, RetrySession, Settings
+from .side_effects import CallContext, Tracked
 from .task_time import TaskTime
 
 __all__ = ["ArgumentEncodeError", "MessageEvent", "RetryWorker"]
@@ -158,6 +162,11 @@ class RetryWorker:
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
         self._attempt_order = itertools.count(1)
+        self._tracked: list[Tracked] = []
+        self._redeliveries = RedeliveryPlan()
+        # How often each message, by (task id, retries), has been executed.
+        self._deliveries: dict[tuple[str, int], int] = {}
+        self._hooks = AttemptHooks()
 
     @property
     def clock(self) -> VirtualClock:
@@ -244,12 +253,71 @@ class RetryWorker:
         ``reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
         it was acknowledged when accepted and the task fails with ``WorkerLostError``.
         """
-        name = task if isinstance(task, str) else getattr(task, "name", None)
-        if not isinstance(name, str):
-            raise UsageError(f"crash_during({task!r}): pass a task, a signature or a task name")
+        name = _task_name("crash_during", task)
         if not is_whole_number(times) or times < 1:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
         self._crashes[name] = self._crashes.get(name, 0) + times
+
+    def redeliver(self, task: Any = None, times: int = 1, when: When = "after_run") -> None:
+        """Make the broker deliver each message of ``task`` (every task with None) again.
+
+        The first ``times`` deliveries of each message (the first, and each retry's) are lost
+        as ``when`` says, and Celery and the broker decide what comes back, as they do:
+
+        - ``"after_run"``: the worker dies after the task body ran, before its ack left (a
+          restart, SIGKILL, a lost host). An ``acks_late`` task's message is delivered again
+          (RabbitMQ at once; Redis at a visibility sweep after ``visibility_timeout``); a
+          task acked early was acked when the worker accepted it, and is not.
+        - ``"during_run"``: the worker process running it dies as the task starts, as
+          :meth:`crash_during`: delivered again with ``acks_late`` and
+          ``reject_on_worker_lost`` only.
+        """
+        name = None if task is None else self._known_task("redeliver", task)
+        if not is_whole_number(times) or times < 1:
+            raise UsageError(
+                f"redeliver(times={times!r}): how many times each message is delivered again, "
+                "a whole number >= 1"
+            )
+        if when not in WHEN:
+            raise UsageError(f"redeliver(when={when!r}): choose {' or '.join(map(repr, WHEN))}")
+        self._redeliveries.add(name, times, when)
+
+    def before_attempt(self, task: Any, n: int | None = None, fn: Hook | None = None) -> Any:
+        """Run ``fn`` before attempt ``n`` of ``task`` (before every attempt with None).
+
+        ``n`` counts as ``Attempt.number``: every execution of the task id, a redelivered
+        message's included (``request.retries + 1`` while nothing is redelivered). ``fn``
+        runs on the virtual clock after the attempt's message was fetched and before its
+        body; it takes no arguments, or the attempt's number when ``n`` is None. Without
+        ``fn``, a decorator. What ``fn`` raises fails the test (``AttemptHookError``).
+        """
+        name = self._known_task("before_attempt", task)
+        if n is not None and (not is_whole_number(n) or n < 1):
+            raise UsageError(
+                f"before_attempt({name!r}, n={n!r}): the attempt's number, a whole number >= 1 "
+                "(1 is the first execution), or None for every attempt"
+            )
+        if fn is not None:
+            self._hooks.add(name, n, fn)
+            return fn
+
+        def register(function: Hook) -> Hook:
+            self._hooks.add(name, n, function)
+            return function
+
+        return register
+
+    def track(self, target: Any, attribute: str, name: str | None = None) -> SideEffect:
+        """Record every call of ``target.attribute`` (a function the tasks call) until teardown.
+
+        The function is replaced by a wrapper that calls through to it and notes the virtual
+        time, the calling task's id, attempt, ``retries`` and delivery, the arguments, and
+        what it returned or raised. Track it where the task looks it up, as with
+        ``mock.patch``. Returns the :class:`SideEffect` the calls accumulate in.
+        """
+        tracked = Tracked(target, attribute, name, self.clock, self._call_context, self.runs)
+        self._tracked.append(tracked)
+        return tracked.effect
 
     def task_run(self, task_id: str) -> TaskRun:
         """The run of ``task_id`` (as ``runs[task_id]``, with an error that lists the known ids)."""
@@ -285,12 +353,14 @@ class RetryWorker:
         return self.task_run(task_id)
 
     def close(self) -> None:
-        for consumer in self._consumers.values():
-            # The worker stops whatever the broker does (a hang would make its close wait).
-            with consumer.broker.suspend_faults():
-                consumer.close()
-        self._consumers.clear()
-        self._disconnect_receivers()
+        with ExitStack() as undo:
+            for tracked in self._tracked:
+                undo.callback(tracked.restore)
+            self._tracked.clear()
+            undo.callback(self._disconnect_receivers)
+            for consumer in self._consumers.values():
+                undo.callback(_close_whatever_the_broker_does, consumer)
+            self._consumers.clear()
 
     # -- the loop --------------------------------------------------------------------------
     def _work(
@@ -325,6 +395,11 @@ class RetryWorker:
             if len(run.attempts) >= limit:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
+            try:
+                self._hooks.run(run.task_name, run.task_id, len(run.attempts) + 1)
+            except BaseException:
+                consumer.ready.appendleft(request)
+                raise
             self._execute(request, run, consumer)
 
     def _limit_timelines(self) -> str:
@@ -373,13 +448,15 @@ class RetryWorker:
         run.attempts.append(attempt)
         deliveries_before = broker.delivery_count
         events_before = len(self.events)
-        crash: WorkerLostError | None = None
-        if self._crashes.get(run.task_name, 0) > 0:
-            self._crashes[run.task_name] -= 1
-            crash = self._pool.crash_next = WorkerLostError(
-                "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
-            )
-        reports = self._reports = _Reports(run.task_id)
+        # Which delivery of its message this is: the broker's copies of one message share
+        # the task id and retries.
+        copies = (run.task_id, attempt.retries)
+        delivery = self._deliveries[copies] = self._deliveries.get(copies, 0) + 1
+        lose = self._redeliveries.lose(run.task_name, delivery)
+        crash = self._pool.crash_next = self._crash_for(run.task_name, lose)
+        reports = self._reports = _Reports(run.task_id, attempt, delivery)
+        if lose == "after_run":
+            reports.dies_after_run = consumer
         revoked: TaskRevokedError | None = None
         try:
             with remembered_tracebacks():
@@ -389,6 +466,8 @@ class RetryWorker:
         finally:
             self._reports = None
         self._record_reports(attempt, reports)
+        if reports.died:
+            self._record_death(attempt, reports)
         if revoked is not None:
             attempt.outcome, attempt.exc, attempt.raised = "failure", revoked, revoked
             attempt.note = "revoked (expired or revoked before it ran)"
@@ -413,12 +492,40 @@ class RetryWorker:
                 )
                 break
         if attempt.outcome == "rejected" and not attempt.retry_published:
-            run.lost = True
-            attempt.note = "retry not published: Celery rejected the message, the task is lost"
+            if attempt.ack_failed:
+                # The broker never heard of the rejection: the message comes back.
+                attempt.note = f"retry not published: Celery rejected the message; {attempt.note}"
+            else:
+                run.lost = True
+                attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
         if attempt.duplicate_of is not None:
             note = f"duplicate: attempt {attempt.duplicate_of} ran this retry already"
             attempt.note = f"{attempt.note}; {note}" if attempt.note else note
+
+    def _crash_for(self, task_name: str, lose: When | None) -> WorkerLostError | None:
+        """The error the attempt's worker process is to die with, if it is to die."""
+        if lose == "during_run":
+            by = "retry_worker.redeliver(when='during_run')"
+        elif self._crashes.get(task_name, 0) > 0:
+            self._crashes[task_name] -= 1
+            by = "crash_during"
+        else:
+            return None
+        return WorkerLostError(f"Worker exited prematurely: signal 9 (SIGKILL) (simulated by {by})")
+
+    @staticmethod
+    def _record_death(attempt: Attempt, reports: _Reports) -> None:
+        """The worker died after the attempt's body ran (``redeliver(when="after_run")``)."""
+        died = "the worker died after the run (retry_worker.redeliver)"
+        if reports.failed_settlement is not None:
+            attempt.ack_failed = True
+            attempt.note = (
+                f"{died} before its {reports.failed_settlement} left: the broker still holds "
+                "the message"
+            )
+        else:
+            attempt.note = f"{died}; the message was acked when it was accepted: not redelivered"
 
     @staticmethod
     def _record_reports(attempt: Attempt, reports: _Reports) -> None:
@@ -432,7 +539,7 @@ class RetryWorker:
                 attempt.result = reports.returned
         attempt.raised = reports.raised
         attempt.requeued = reports.requeued
-        if reports.failed_settlement is not None:
+        if reports.failed_settlement is not None and not reports.died:
             attempt.ack_failed = True
             attempt.note = (
                 f"{reports.failed_settlement} failed: the broker was unreachable and still "
@@ -522,6 +629,33 @@ class RetryWorker:
         reports = self._reports
         return reports if reports is not None and task_id == reports.task_id else None
 
+    def _known_task(self, call: str, task: Any) -> str:
+        """The name of ``task``; a name must be registered on an app the worker serves."""
+        name = _task_name(call, task)
+        apps = [installed.app for installed in self._session.installations.values()]
+        if isinstance(task, str) and not any(name in app.tasks for app in apps):
+            known = sorted({n for app in apps for n in app.tasks if not n.startswith("celery.")})
+            raise UsageError(
+                f"{call}({task!r}): no app of this test registers a task named {task!r}; "
+                f"pass the task object, or one of: {', '.join(known) or 'none'}"
+            )
+        return name
+
+    def _call_context(self) -> CallContext:
+        """Which attempt a tracked function is called in: the one running, if any."""
+        reports = self._reports
+        if reports is None:
+            return CallContext()
+        attempt = reports.attempt
+        return CallContext(
+            attempt.task_id,
+            attempt.task_name,
+            attempt.number,
+            attempt.retries,
+            delivery=reports.delivery,
+            redelivered=attempt.redelivered,
+        )
+
     def _on_settled(self, task_id: str, action: str) -> None:
         """The consumer's callback: what became of the message of the running attempt."""
         reports = self._reports
@@ -529,8 +663,8 @@ class RetryWorker:
             return
         if action == "requeued":
             reports.requeued = True
-        elif action.endswith(" failed"):
-            reports.failed_settlement = action[: -len(" failed")]
+        elif action.endswith((" failed", " lost")):
+            reports.failed_settlement = action.rsplit(" ", 1)[0]
 
     def _on_limit(self, event: MessageEvent) -> None:
         """The consumer's callback: the broker acted on a message held past its limit."""
@@ -544,6 +678,11 @@ class RetryWorker:
         reports = self._reporting(task_id)
         if reports is None:
             return
+        if reports.dies_after_run is not None:
+            # The body ran and the tracer stored its outcome: what the worker sends after it
+            # (an acks_late ack, a reject) is lost with it.
+            reports.dies_after_run.die(f"after running {task_id} (retry_worker.redeliver)")
+            reports.died = True
         reports.state, reports.returned = state or "", retval
         if isinstance(retval, BaseException):
             reports.raised = retval
@@ -784,6 +923,9 @@ class _Reports:
     """
 
     task_id: str
+    # The attempt running, and which delivery of its message it is (1, 2, ...).
+    attempt: Attempt
+    delivery: int
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     # The tracer's final state (task_postrun), and what it returned or raised.
@@ -794,6 +936,16 @@ class _Reports:
     # From the consumer: the message was requeued, or its ack (reject, requeue) failed.
     requeued: bool = False
     failed_settlement: str | None = None
+    # The consumer whose worker dies once the body ran (redeliver), and whether it did.
+    dies_after_run: Consumer | None = None
+    died: bool = False
+
+
+def _task_name(call: str, task: Any) -> str:
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    if not isinstance(name, str):
+        raise UsageError(f"{call}({task!r}): pass a task, a signature or a task name")
+    return name
 
 
 def _drop_tracebacks(attempt: Attempt) -> None:
@@ -821,3 +973,9 @@ def _cause_of(exc: BaseException) -> BaseException:
         if context is not None:
             return context
     return exc
+
+
+def _close_whatever_the_broker_does(consumer: Consumer) -> None:
+    # The worker stops whatever the broker does (a hang would make its close wait).
+    with consumer.broker.suspend_faults():
+        consumer.close()
