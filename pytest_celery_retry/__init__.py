@@ -16,16 +16,22 @@ pytest.register_assert_rewrite("pytest_celery_retry.assertions")
 
 from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_backoff,
+    assert_fits_broker_limits,
     assert_not_retried,
     assert_publish_retries,
     assert_retried,
+    assert_side_effect,
 )
+from .canvas import CanvasRun  # noqa: E402
 from .clock import VirtualClock  # noqa: E402
 from .errors import (  # noqa: E402
+    AttemptHookError,
+    BlocksForeverError,
     CeleryRetryError,
     ConfigurationError,
     EndlessRetryError,
     UsageError,
+    WorkerStoppedError,
 )
 from .records import (  # noqa: E402
     Attempt,
@@ -36,6 +42,8 @@ from .records import (  # noqa: E402
     ProxyEvent,
     PublishRecord,
     Redelivery,
+    SideEffect,
+    SideEffectCall,
     TaskRun,
     UnackedMessage,
 )
@@ -67,9 +75,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ArgumentEncodeError",
     "Attempt",
+    "AttemptHookError",
+    "BlocksForeverError",
     "BrokerDownError",
     "BrokerOperation",
     "BrokerProxy",
+    "CanvasRun",
     "CeleryRetryError",
     "ConfigurationError",
     "ConnectionAttempt",
@@ -81,13 +92,18 @@ __all__ = [
     "PublishRecord",
     "Redelivery",
     "RetryWorker",
+    "SideEffect",
+    "SideEffectCall",
     "TaskRun",
     "UnackedMessage",
     "UsageError",
     "VirtualClock",
+    "WorkerStoppedError",
     "__version__",
     "assert_backoff",
+    "assert_fits_broker_limits",
     "assert_not_retried",
     "assert_publish_retries",
     "assert_retried",
+    "assert_side_effect",
 ]

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _DEFAULTS = Settings()
 # The settings of this pytest run, parsed once at configure time.
 SETTINGS = pytest.StashKey[Settings]()
-_OUTAGE_KEYS = {"fail_next", "seconds", "on", "flavor", "down"}
+_OUTAGE_KEYS = {"fail_next", "seconds", "on", "flavor", "down", "how"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,8 +89,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(switch, "celery-retry-eager")
     config.addinivalue_line(
         "markers",
-        "broker_outage(fail_next=N, on='connect', seconds=S, down=False, flavor=None): "
+        "broker_outage(fail_next=N, on='connect', seconds=S, down=False, how='refuse', "
+        "flavor=None): "
         "make the flaky_broker fail for this test",
+    )
+    config.addinivalue_line(
+        "markers",
+        "redeliver(task=None, times=1, when='after_run'): the broker delivers each message of "
+        "the task (of every task) again, as retry_worker.redeliver(...) makes it",
     )
     config.addinivalue_line(
         "markers",
@@ -189,10 +195,24 @@ def celery_retry_flavor() -> str | None:
 
 
 @pytest.fixture
-def celery_retry_session(pytestconfig: pytest.Config) -> Iterator[RetrySession]:
+def celery_retry_result_backend(pytestconfig: pytest.Config) -> str | None:
+    """The result backend installed for the test (the ini option; None keeps the app's own).
+
+    Override it for a backend without a native chord join, e.g. ``f"file://{tmp_path}"``.
+    """
+    return pytestconfig.stash[SETTINGS].result_backend
+
+
+@pytest.fixture
+def celery_retry_session(
+    pytestconfig: pytest.Config, celery_retry_result_backend: str | None
+) -> Iterator[RetrySession]:
     """The test's virtual clock and everything the plugin installed, undone at teardown."""
     # A copy: a test may change its own settings (retry_worker.settings.max_attempts = 20).
-    session = RetrySession(settings=dataclasses.replace(pytestconfig.stash[SETTINGS])).start()
+    settings = dataclasses.replace(
+        pytestconfig.stash[SETTINGS], result_backend=celery_retry_result_backend
+    )
+    session = RetrySession(settings=settings).start()
     try:
         yield session
     finally:
@@ -246,6 +266,24 @@ def _celery_retry_outage_marker(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("flaky_broker")
 
 
+@pytest.fixture(autouse=True)
+def _celery_retry_redeliver_marker(request: pytest.FixtureRequest) -> None:
+    # A test (or a module, with pytestmark) runs with every delivery lost as the marker says.
+    marker = request.node.get_closest_marker("redeliver")
+    if marker is None:
+        return
+    worker = request.getfixturevalue("retry_worker")
+    try:
+        worker.redeliver(*marker.args, **marker.kwargs)
+    except UsageError as exc:
+        raise UsageError(f"@pytest.mark.redeliver: {exc}") from None
+    except TypeError:
+        raise UsageError(
+            f"@pytest.mark.redeliver{marker.args!r} {marker.kwargs!r}: it takes task=None, "
+            "times=1 and when='after_run' or 'during_run', as retry_worker.redeliver()"
+        ) from None
+
+
 def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
     if marker.args:
         raise UsageError(
@@ -280,6 +318,11 @@ def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
         )
     if "on" in marker.kwargs and "fail_next" not in marker.kwargs:
         raise UsageError("@pytest.mark.broker_outage: on= goes with fail_next=")
+    if "how" in marker.kwargs and not ("seconds" in marker.kwargs or down):
+        raise UsageError(
+            "@pytest.mark.broker_outage: how= goes with seconds= or down=True, e.g. "
+            "broker_outage(down=True, how='hang')"
+        )
     return dict(marker.kwargs)
 
 
@@ -290,9 +333,9 @@ def _apply_outage(broker: InMemoryBroker, options: dict[str, Any]) -> None:
         if "fail_next" in options:
             broker.fail_next(options["fail_next"], on=options.get("on", "connect"))
         elif "seconds" in options:
-            broker.outage(options["seconds"])
+            broker.outage(options["seconds"], how=options.get("how", "refuse"))
         elif options.get("down"):
-            broker.down()
+            broker.down(how=options.get("how", "refuse"))
     except UsageError as exc:
         raise UsageError(f"@pytest.mark.broker_outage: {exc}") from None
 

@@ -6,7 +6,7 @@ readable. Every time is in virtual seconds since the test's clock started (``t``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
@@ -14,6 +14,9 @@ from typing import Any, Literal, NamedTuple
 AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored", "worker-lost"]
 RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
 OperationKind = Literal["connect", "publish", "consume", "ack"]
+# What the broker records: the operations faults apply to, and a channel close on a broker
+# that hangs (py-amqp waits for its answer).
+RecordedKind = Literal["connect", "publish", "consume", "ack", "close"]
 # What the fault proxy did with a TCP connection a client opened.
 ConnectionOutcome = Literal["accepted", "refused", "blackholed"]
 
@@ -28,8 +31,11 @@ __all__ = [
     "OperationKind",
     "ProxyEvent",
     "PublishRecord",
+    "RecordedKind",
     "Redelivery",
     "RunState",
+    "SideEffect",
+    "SideEffectCall",
     "TaskRun",
     "UnackedMessage",
     "describe_exception",
@@ -45,7 +51,11 @@ def describe_exception(exc: BaseException | None) -> str:
     """``Type('message')`` shortened to fit a table cell."""
     if exc is None:
         return "-"
-    text = f"{type(exc).__name__}({str(exc)!r})"
+    return _shorten(f"{type(exc).__name__}({str(exc)!r})")
+
+
+def _shorten(text: str) -> str:
+    """``text`` cut to fit a table cell."""
     return text if len(text) <= _EXC_WIDTH else text[: _EXC_WIDTH - 3] + "..."
 
 
@@ -95,9 +105,17 @@ class Attempt:
     requeued: bool = False
     # Its message's ack (or reject) failed: the broker will deliver the message again.
     ack_failed: bool = False
+    # The broker delivered its message again (Celery's ``request.delivery_info["redelivered"]``).
+    redelivered: bool = False
     # Virtual seconds the worker held its message back for the task's rate_limit.
     rate_limit_hold: float = 0.0
+    # The number of an earlier attempt that already ran the same retry: this run is a
+    # duplicate (a copy a visibility sweep restored, or a message whose ack was lost).
+    duplicate_of: int | None = None
     note: str = ""
+    # Its place among all the attempts the worker ran (1, 2, ...): orders attempts that
+    # started at the same virtual time (a chord's callback after the unlock that sent it).
+    order: int = 0
 
     @property
     def state(self) -> str:
@@ -121,6 +139,16 @@ class TaskRun:
     seed: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
     lost: bool = False
+    # What the broker did to its messages held past a limit (a visibility sweep restoring
+    # one, RabbitMQ closing the channel for consumer_timeout), in the order it happened.
+    limit_events: list[MessageEvent] = field(default_factory=list)
+    # The task that published it (Celery's ``parent_id``): a canvas's links and errbacks.
+    parent_id: str | None = None
+    # The names of the tasks its ``link_error`` calls when it fails for good.
+    link_error: tuple[str, ...] = ()
+    # A task that never ran, failed in the result backend by Celery when an earlier member of
+    # its canvas failed for good (a chain's later tasks, a chord's callback): that exception.
+    stored_exception: BaseException | None = None
 
     @property
     def countdowns(self) -> list[float]:
@@ -133,12 +161,19 @@ class TaskRun:
         return sum(1 for a in self.attempts if a.retry_published)
 
     @property
+    def duplicates(self) -> list[Attempt]:
+        """The attempts that ran a retry an earlier attempt had already run."""
+        return [a for a in self.attempts if a.duplicate_of is not None]
+
+    @property
     def last(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
 
     @property
     def state(self) -> RunState:
         last = self.last
+        if last is None and self.stored_exception is not None:
+            return "FAILURE"
         if last is None or last.outcome is None:
             return "PENDING"
         if last.outcome == "success" and not last.retry_published:
@@ -157,7 +192,9 @@ class TaskRun:
     def exception(self) -> BaseException | None:
         """The exception that ended the task (None unless the run failed)."""
         last = self.last
-        return last.raised if last is not None and self.state == "FAILURE" else None
+        if last is None:
+            return self.stored_exception
+        return last.raised if self.state == "FAILURE" else None
 
     @property
     def elapsed(self) -> float:
@@ -171,11 +208,14 @@ class TaskRun:
         title = f"retry timeline of {self.task_name}[{self.task_id}]"
         if self.seed is not None:
             title += f" (seed {self.seed})"
+        # Only a run whose message came back again shows which deliveries were redeliveries.
+        redeliveries = any(a.redelivered for a in self.attempts)
         rows = [
             [
                 str(a.number),
                 f"{a.t - self.attempts[0].t:+.3f}s",
                 str(a.retries),
+                *(["yes" if a.redelivered else "no"] if redeliveries else []),
                 a.outcome or "running",
                 format_seconds(a.countdown) if a.retry_published else "-",
                 describe_exception(a.exc),
@@ -183,16 +223,32 @@ class TaskRun:
             + ([a.note] if a.note else [])
             for a in self.attempts
         ]
-        headers = ["#", "t", "retries", "outcome", "countdown", "exception"]
+        headers = ["#", "t", "retries", *(["redelivered"] if redeliveries else [])]
+        headers += ["outcome", "countdown", "exception"]
         if any(a.note for a in self.attempts):
             headers.append("note")
         table = format_table(headers, rows)
+        start = self.attempts[0].t if self.attempts else 0.0
+        limits = [f"  t={e.t - start:+.3f}s  {e.action}: {e.detail}" for e in self.limit_events]
+        if limits:
+            table += "\nbroker limits:\n" + "\n".join(limits)
         summary = (
             f"final: {self.state} after {len(self.attempts)} attempt(s), {self.retries} "
             f"retr{'y' if self.retries == 1 else 'ies'}, {self.elapsed:g} s of virtual time"
         )
+        if self.duplicates:
+            summary += (
+                f" -- {len(self.duplicates)} DUPLICATE run(s): attempt(s) "
+                f"{', '.join(str(a.number) for a in self.duplicates)} ran a retry again"
+            )
         if self.lost:
             summary += " -- the task is LOST: its retry message never reached the broker"
+        if not self.attempts and self.stored_exception is not None:
+            summary = (
+                "final: FAILURE without running: the result backend holds "
+                f"{describe_exception(self.stored_exception)}, stored when an earlier member "
+                "of its canvas failed"
+            )
         return f"{title}\n{_indent(table)}\n{summary}"
 
     def __repr__(self) -> str:
@@ -203,10 +259,89 @@ class TaskRun:
 
 
 @dataclass
-class BrokerOperation:
-    """One connect, publish or consume the in-memory broker was asked to do."""
+class SideEffectCall:
+    """One call of a side effect a test tracks (``retry_worker.track``).
 
-    kind: OperationKind
+    The task fields are ``None`` for a call made outside a task (by the test itself).
+    """
+
+    number: int
+    t: float
+    task_id: str | None
+    task_name: str | None
+    # The calling attempt's ``Attempt.number``: every execution of the task id counts,
+    # redeliveries included.
+    attempt: int | None
+    # ``request.retries`` of the calling attempt.
+    retries: int | None
+    # Which delivery of the attempt's message: 1, then 2 for its first redelivery, ...
+    delivery: int | None
+    redelivered: bool
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    raised: BaseException | None = None
+    result: Any = None
+
+
+@dataclass
+class SideEffect:
+    """Every call of one tracked function, in order, beside the runs of the tasks that made it."""
+
+    name: str
+    calls: list[SideEffectCall] = field(default_factory=list)
+    # The worker's runs, by task id: the timelines a failed assertion shows.
+    runs: Mapping[str, TaskRun] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    @property
+    def task_ids(self) -> list[str]:
+        """The task ids that called it, in the order of their first call."""
+        return list(dict.fromkeys(c.task_id for c in self.calls if c.task_id is not None))
+
+    def timeline(self) -> str:
+        """Every call, then the timeline of every run that made one (of every run if none did)."""
+        rows = [
+            [
+                str(c.number),
+                f"{c.t:.3f}s",
+                f"{c.task_name}[{c.task_id}]" if c.task_id else "(outside a task)",
+                _or_dash(c.attempt),
+                _or_dash(c.retries),
+                _or_dash(c.delivery),
+                "yes" if c.redelivered else "no",
+                _call_arguments(c.args, c.kwargs),
+                describe_exception(c.raised) if c.raised is not None else "returned",
+            ]
+            for c in self.calls
+        ]
+        headers = ["#", "t", "task", "attempt", "retries", "delivery", "redelivered", "arguments"]
+        table = format_table([*headers, "outcome"], rows) if rows else "  (no calls)"
+        ids = self.task_ids or list(self.runs)
+        runs = "\n\n".join(self.runs[task_id].timeline() for task_id in ids if task_id in self.runs)
+        head = f"calls of {self.name} ({len(self.calls)})"
+        return f"{head}\n{_indent(table) if rows else table}\n\n{runs}".rstrip()
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _call_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    return _shorten(", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]))
+
+
+@dataclass
+class BrokerOperation:
+    """One connect, publish or consume the in-memory broker was asked to do.
+
+    ``t`` is when it began; ``hung`` how many virtual seconds the client then waited for a
+    broker that did not answer (``None`` when it answered at once).
+    """
+
+    kind: RecordedKind
     t: float
     ok: bool
     error: BaseException | None = None
@@ -214,6 +349,19 @@ class BrokerOperation:
     task_id: str | None = None
     task_name: str | None = None
     queue: str | None = None
+    hung: float | None = None
+
+    @property
+    def ended_at(self) -> float:
+        return self.t + (self.hung or 0.0)
+
+    @property
+    def result(self) -> str:
+        """``ok`` or ``FAILED``, after how long a hang (for timelines)."""
+        result = "ok" if self.ok else "FAILED"
+        if self.hung is None:
+            return result
+        return f"hung {format_seconds(self.hung)}, {result}"
 
 
 @dataclass
@@ -276,7 +424,7 @@ class PublishRecord:
 
     @property
     def ended_at(self) -> float | None:
-        return self.operations[-1].t if self.operations else None
+        return self.operations[-1].ended_at if self.operations else None
 
 
 @dataclass

@@ -10,12 +10,13 @@ nothing is due, it moves the virtual clock to the next of those moments instead 
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,19 +32,31 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
+from .attempt_hooks import AttemptHooks, Hook
+from .canvas import CanvasRun, stored_exception, task_names, unlock_hint
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
-from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
+from .errors import (
+    EndlessRetryError,
+    UsageError,
+    WorkerStoppedError,
+    is_finite_number,
+    is_number,
+    is_whole_number,
+)
 from .records import (
     Attempt,
     AttemptOutcome,
     MessageEvent,
+    SideEffect,
     TaskRun,
     describe_exception,
     parse_eta,
 )
+from .redelivery import WHEN, RedeliveryPlan, When
 from .session import AppInstallation, RetrySession, Settings
+from .side_effects import CallContext, Tracked
 from .task_time import TaskTime
 
 __all__ = ["ArgumentEncodeError", "MessageEvent", "RetryWorker"]
@@ -148,6 +161,12 @@ class RetryWorker:
         self._reports: _Reports | None = None
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
+        self._attempt_order = itertools.count(1)
+        self._tracked: list[Tracked] = []
+        self._redeliveries = RedeliveryPlan()
+        # How often each message, by (task id, retries), has been executed.
+        self._deliveries: dict[tuple[str, int], int] = {}
+        self._hooks = AttemptHooks()
 
     @property
     def clock(self) -> VirtualClock:
@@ -174,7 +193,9 @@ class RetryWorker:
         through the broker as it is, faults included. Options go to ``apply_async``. Other
         messages run as they become due meanwhile; what is left afterwards (what the task's
         last attempt sent, for instance) waits for ``run_until_idle()``. For a chain, the
-        run of its last task (without attempts if an earlier task failed).
+        run of its last task; for a chord, its callback's. A task that never ran because an
+        earlier member failed for good is a run without attempts holding the exception
+        Celery stored for it (see :meth:`canvas` for every member).
         """
         self._check_schedule(options)
         check_retry_policy(options.get("retry_policy"), "retry_policy")
@@ -197,11 +218,7 @@ class RetryWorker:
                     ) from exc
             self._work(installed, until=task_id, max_attempts=max_attempts, caller="apply")
         run = self.runs.get(task_id)
-        if run is None:
-            # A chain's last task never runs once an earlier one failed: a run without attempts.
-            last = getattr(signature, "tasks", None) or [signature]
-            run = TaskRun(task_id, last[-1].task, seed=self.settings.seed)
-        return run
+        return run if run is not None else self._never_ran(app, signature, task_id)
 
     def run_until_idle(
         self, app: Any = None, *, max_attempts: int | None = None
@@ -236,12 +253,71 @@ class RetryWorker:
         ``reject_on_worker_lost`` it is requeued and redelivered; without ``acks_late``
         it was acknowledged when accepted and the task fails with ``WorkerLostError``.
         """
-        name = task if isinstance(task, str) else getattr(task, "name", None)
-        if not isinstance(name, str):
-            raise UsageError(f"crash_during({task!r}): pass a task, a signature or a task name")
+        name = _task_name("crash_during", task)
         if not is_whole_number(times) or times < 1:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
         self._crashes[name] = self._crashes.get(name, 0) + times
+
+    def redeliver(self, task: Any = None, times: int = 1, when: When = "after_run") -> None:
+        """Make the broker deliver each message of ``task`` (every task with None) again.
+
+        The first ``times`` deliveries of each message (the first, and each retry's) are lost
+        as ``when`` says, and Celery and the broker decide what comes back, as they do:
+
+        - ``"after_run"``: the worker dies after the task body ran, before its ack left (a
+          restart, SIGKILL, a lost host). An ``acks_late`` task's message is delivered again
+          (RabbitMQ at once; Redis at a visibility sweep after ``visibility_timeout``); a
+          task acked early was acked when the worker accepted it, and is not.
+        - ``"during_run"``: the worker process running it dies as the task starts, as
+          :meth:`crash_during`: delivered again with ``acks_late`` and
+          ``reject_on_worker_lost`` only.
+        """
+        name = None if task is None else self._known_task("redeliver", task)
+        if not is_whole_number(times) or times < 1:
+            raise UsageError(
+                f"redeliver(times={times!r}): how many times each message is delivered again, "
+                "a whole number >= 1"
+            )
+        if when not in WHEN:
+            raise UsageError(f"redeliver(when={when!r}): choose {' or '.join(map(repr, WHEN))}")
+        self._redeliveries.add(name, times, when)
+
+    def before_attempt(self, task: Any, n: int | None = None, fn: Hook | None = None) -> Any:
+        """Run ``fn`` before attempt ``n`` of ``task`` (before every attempt with None).
+
+        ``n`` counts as ``Attempt.number``: every execution of the task id, a redelivered
+        message's included (``request.retries + 1`` while nothing is redelivered). ``fn``
+        runs on the virtual clock after the attempt's message was fetched and before its
+        body; it takes no arguments, or the attempt's number when ``n`` is None. Without
+        ``fn``, a decorator. What ``fn`` raises fails the test (``AttemptHookError``).
+        """
+        name = self._known_task("before_attempt", task)
+        if n is not None and (not is_whole_number(n) or n < 1):
+            raise UsageError(
+                f"before_attempt({name!r}, n={n!r}): the attempt's number, a whole number >= 1 "
+                "(1 is the first execution), or None for every attempt"
+            )
+        if fn is not None:
+            self._hooks.add(name, n, fn)
+            return fn
+
+        def register(function: Hook) -> Hook:
+            self._hooks.add(name, n, function)
+            return function
+
+        return register
+
+    def track(self, target: Any, attribute: str, name: str | None = None) -> SideEffect:
+        """Record every call of ``target.attribute`` (a function the tasks call) until teardown.
+
+        The function is replaced by a wrapper that calls through to it and notes the virtual
+        time, the calling task's id, attempt, ``retries`` and delivery, the arguments, and
+        what it returned or raised. Track it where the task looks it up, as with
+        ``mock.patch``. Returns the :class:`SideEffect` the calls accumulate in.
+        """
+        tracked = Tracked(target, attribute, name, self.clock, self._call_context, self.runs)
+        self._tracked.append(tracked)
+        return tracked.effect
 
     def task_run(self, task_id: str) -> TaskRun:
         """The run of ``task_id`` (as ``runs[task_id]``, with an error that lists the known ids)."""
@@ -253,6 +329,20 @@ class RetryWorker:
                 f"{', '.join(self.runs) or 'none'}"
             ) from None
 
+    def canvas(self, result: Any) -> CanvasRun:
+        """The runs of the canvas (chain, group, chord) whose result ``result`` is.
+
+        ``result`` is what ``.delay()``/``apply_async()`` returned for it, an ``AsyncResult``
+        or a ``GroupResult``: its tree names the canvas's tasks. Read it after the worker ran
+        them (``run_until_idle()``).
+        """
+        if not isinstance(getattr(result, "id", None), str):
+            raise UsageError(
+                f"canvas({result!r}): pass the AsyncResult or GroupResult that .delay() or "
+                "apply_async() returned for the canvas"
+            )
+        return CanvasRun.from_result(result, self.runs, self.settings.seed)
+
     def run(self, task_id: str) -> TaskRun:
         """Deprecated: :meth:`task_run` (``run`` reads as running a task, as in run_until_idle)."""
         warnings.warn(
@@ -263,10 +353,14 @@ class RetryWorker:
         return self.task_run(task_id)
 
     def close(self) -> None:
-        for consumer in self._consumers.values():
-            consumer.close()
-        self._consumers.clear()
-        self._disconnect_receivers()
+        with ExitStack() as undo:
+            for tracked in self._tracked:
+                undo.callback(tracked.restore)
+            self._tracked.clear()
+            undo.callback(self._disconnect_receivers)
+            for consumer in self._consumers.values():
+                undo.callback(_close_whatever_the_broker_does, consumer)
+            self._consumers.clear()
 
     # -- the loop --------------------------------------------------------------------------
     def _work(
@@ -281,9 +375,16 @@ class RetryWorker:
                 raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
         consumer = self._consumer(installed)
         while True:
-            if until is not None and self._finished(until):
+            if until is not None and self._finished(until) and not consumer.holds(until):
                 return
-            consumer.fetch()
+            try:
+                consumer.fetch()
+            except WorkerStoppedError as stopped:
+                # A worker started again is a new consumer, as a restarted process is.
+                del self._consumers[id(installed.app)]
+                raise WorkerStoppedError(f"{stopped}\n\n{self._limit_timelines()}") from (
+                    stopped.__cause__
+                )
             request = consumer.next_request()
             if request is None:
                 if consumer.wait_for_work():
@@ -294,7 +395,16 @@ class RetryWorker:
             if len(run.attempts) >= limit:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
+            try:
+                self._hooks.run(run.task_name, run.task_id, len(run.attempts) + 1)
+            except BaseException:
+                consumer.ready.appendleft(request)
+                raise
             self._execute(request, run, consumer)
+
+    def _limit_timelines(self) -> str:
+        """The timelines of the runs whose messages crossed a broker limit."""
+        return "\n\n".join(run.timeline() for run in self.runs.values() if run.limit_events)
 
     def _finished(self, task_id: str) -> bool:
         """A task is over once an attempt ended without scheduling another one."""
@@ -319,19 +429,34 @@ class RetryWorker:
             retries=int(headers.get("retries") or 0),
             started_at=self.clock.now(),
             t=self.clock.elapsed,
+            redelivered=bool((request.delivery_info or {}).get("redelivered")),
+            order=next(self._attempt_order),
         )
+        if attempt.redelivered:  # a copy that runs again was taken back and delivered again
+            attempt.duplicate_of = next(
+                (
+                    earlier.number
+                    for earlier in run.attempts
+                    if earlier.retries == attempt.retries
+                    and earlier.outcome != "worker-lost"
+                    and not earlier.requeued
+                ),
+                None,
+            )
         if run.attempts:
             _drop_tracebacks(run.attempts[-1])
         run.attempts.append(attempt)
         deliveries_before = broker.delivery_count
         events_before = len(self.events)
-        crash: WorkerLostError | None = None
-        if self._crashes.get(run.task_name, 0) > 0:
-            self._crashes[run.task_name] -= 1
-            crash = self._pool.crash_next = WorkerLostError(
-                "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
-            )
-        reports = self._reports = _Reports(run.task_id)
+        # Which delivery of its message this is: the broker's copies of one message share
+        # the task id and retries.
+        copies = (run.task_id, attempt.retries)
+        delivery = self._deliveries[copies] = self._deliveries.get(copies, 0) + 1
+        lose = self._redeliveries.lose(run.task_name, delivery)
+        crash = self._pool.crash_next = self._crash_for(run.task_name, lose)
+        reports = self._reports = _Reports(run.task_id, attempt, delivery)
+        if lose == "after_run":
+            reports.dies_after_run = consumer
         revoked: TaskRevokedError | None = None
         try:
             with remembered_tracebacks():
@@ -341,6 +466,8 @@ class RetryWorker:
         finally:
             self._reports = None
         self._record_reports(attempt, reports)
+        if reports.died:
+            self._record_death(attempt, reports)
         if revoked is not None:
             attempt.outcome, attempt.exc, attempt.raised = "failure", revoked, revoked
             attempt.note = "revoked (expired or revoked before it ran)"
@@ -365,9 +492,40 @@ class RetryWorker:
                 )
                 break
         if attempt.outcome == "rejected" and not attempt.retry_published:
-            run.lost = True
-            attempt.note = "retry not published: Celery rejected the message, the task is lost"
+            if attempt.ack_failed:
+                # The broker never heard of the rejection: the message comes back.
+                attempt.note = f"retry not published: Celery rejected the message; {attempt.note}"
+            else:
+                run.lost = True
+                attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
+        if attempt.duplicate_of is not None:
+            note = f"duplicate: attempt {attempt.duplicate_of} ran this retry already"
+            attempt.note = f"{attempt.note}; {note}" if attempt.note else note
+
+    def _crash_for(self, task_name: str, lose: When | None) -> WorkerLostError | None:
+        """The error the attempt's worker process is to die with, if it is to die."""
+        if lose == "during_run":
+            by = "retry_worker.redeliver(when='during_run')"
+        elif self._crashes.get(task_name, 0) > 0:
+            self._crashes[task_name] -= 1
+            by = "crash_during"
+        else:
+            return None
+        return WorkerLostError(f"Worker exited prematurely: signal 9 (SIGKILL) (simulated by {by})")
+
+    @staticmethod
+    def _record_death(attempt: Attempt, reports: _Reports) -> None:
+        """The worker died after the attempt's body ran (``redeliver(when="after_run")``)."""
+        died = "the worker died after the run (retry_worker.redeliver)"
+        if reports.failed_settlement is not None:
+            attempt.ack_failed = True
+            attempt.note = (
+                f"{died} before its {reports.failed_settlement} left: the broker still holds "
+                "the message"
+            )
+        else:
+            attempt.note = f"{died}; the message was acked when it was accepted: not redelivered"
 
     @staticmethod
     def _record_reports(attempt: Attempt, reports: _Reports) -> None:
@@ -381,7 +539,7 @@ class RetryWorker:
                 attempt.result = reports.returned
         attempt.raised = reports.raised
         attempt.requeued = reports.requeued
-        if reports.failed_settlement is not None:
+        if reports.failed_settlement is not None and not reports.died:
             attempt.ack_failed = True
             attempt.note = (
                 f"{reports.failed_settlement} failed: the broker was unreachable and still "
@@ -449,14 +607,20 @@ class RetryWorker:
     def _run_for(self, request: Any) -> TaskRun:
         run = self.runs.get(request.id)
         if run is None:
-            run = self.runs[request.id] = TaskRun(request.id, request.name, seed=self.settings.seed)
+            run = self.runs[request.id] = TaskRun(
+                request.id,
+                request.name,
+                seed=self.settings.seed,
+                parent_id=request.parent_id,
+                link_error=task_names(request.errbacks),
+            )
         return run
 
     def _consumer(self, installed: AppInstallation) -> Consumer:
         consumer = self._consumers.get(id(installed.app))
         if consumer is None:
             consumer = self._consumers[id(installed.app)] = Consumer(
-                installed, self.events, self._on_settled
+                installed, self.events, self._on_settled, self._on_limit
             )
         return consumer
 
@@ -465,6 +629,33 @@ class RetryWorker:
         reports = self._reports
         return reports if reports is not None and task_id == reports.task_id else None
 
+    def _known_task(self, call: str, task: Any) -> str:
+        """The name of ``task``; a name must be registered on an app the worker serves."""
+        name = _task_name(call, task)
+        apps = [installed.app for installed in self._session.installations.values()]
+        if isinstance(task, str) and not any(name in app.tasks for app in apps):
+            known = sorted({n for app in apps for n in app.tasks if not n.startswith("celery.")})
+            raise UsageError(
+                f"{call}({task!r}): no app of this test registers a task named {task!r}; "
+                f"pass the task object, or one of: {', '.join(known) or 'none'}"
+            )
+        return name
+
+    def _call_context(self) -> CallContext:
+        """Which attempt a tracked function is called in: the one running, if any."""
+        reports = self._reports
+        if reports is None:
+            return CallContext()
+        attempt = reports.attempt
+        return CallContext(
+            attempt.task_id,
+            attempt.task_name,
+            attempt.number,
+            attempt.retries,
+            delivery=reports.delivery,
+            redelivered=attempt.redelivered,
+        )
+
     def _on_settled(self, task_id: str, action: str) -> None:
         """The consumer's callback: what became of the message of the running attempt."""
         reports = self._reports
@@ -472,8 +663,14 @@ class RetryWorker:
             return
         if action == "requeued":
             reports.requeued = True
-        elif action.endswith(" failed"):
-            reports.failed_settlement = action[: -len(" failed")]
+        elif action.endswith((" failed", " lost")):
+            reports.failed_settlement = action.rsplit(" ", 1)[0]
+
+    def _on_limit(self, event: MessageEvent) -> None:
+        """The consumer's callback: the broker acted on a message held past its limit."""
+        run = self.runs.get(event.task_id)
+        if run is not None:
+            run.limit_events.append(event)
 
     def _on_postrun(
         self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
@@ -481,6 +678,11 @@ class RetryWorker:
         reports = self._reporting(task_id)
         if reports is None:
             return
+        if reports.dies_after_run is not None:
+            # The body ran and the tracer stored its outcome: what the worker sends after it
+            # (an acks_late ack, a reject) is lost with it.
+            reports.dies_after_run.die(f"after running {task_id} (retry_worker.redeliver)")
+            reports.died = True
         reports.state, reports.returned = state or "", retval
         if isinstance(retval, BaseException):
             reports.raised = retval
@@ -559,16 +761,34 @@ class RetryWorker:
                 del task.serializer
             task._exec_options = None
 
+    def _never_ran(self, app: Any, signature: Any, task_id: str) -> TaskRun:
+        """The run of a canvas's task that never ran: what the result backend holds for it.
+
+        Celery fails a chain's later tasks, or a chord's callback, in the result backend when
+        a member fails for good; anything else (a lost member, no backend) is refused.
+        """
+        name = _final_signature(signature).task
+        exc = stored_exception(app.AsyncResult(task_id))
+        if exc is None:
+            raise UsageError(
+                f"apply({signature!r}): no task ran under the id it returns ({name}[{task_id}]) "
+                "and the result backend holds no outcome for it. Publish the canvas with "
+                ".delay() instead, run it with retry_worker.run_until_idle(), and read "
+                "retry_worker.canvas(result) for every member's run"
+            )
+        return TaskRun(task_id, name, seed=self.settings.seed, stored_exception=exc)
+
     def _signature(
         self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
     ) -> Any:
         from celery.canvas import Signature, group
 
-        if isinstance(task, group):
+        if isinstance(task, Signature) and isinstance(_final_signature(task), group):
+            what = "a group" if isinstance(task, group) else "a canvas that ends with a group"
             raise UsageError(
-                "apply(group(...)): a group has no run of its own. Publish it with "
-                "group(...).delay() (request the flaky_broker fixture first) and run its tasks "
-                "with retry_worker.run_until_idle()"
+                f"apply({task!r}): {what} has no single run to return. Publish it with "
+                ".delay() (request the flaky_broker fixture first), run its tasks with "
+                "retry_worker.run_until_idle(), and read retry_worker.canvas(result)"
             )
         if isinstance(task, str):
             raise UsageError(
@@ -675,10 +895,24 @@ class RetryWorker:
         doing = "retrying" if last is not None and last.retry_published else "delivered again"
         return (
             f"{run.task_name}[{run.task_id}] was still {doing} after {len(run.attempts)} "
-            f"attempts: {why}. If more attempts are intended, raise the limit: "
+            f"attempts: {why}.{unlock_hint(run)}. If more attempts are intended, raise the limit: "
             "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
             f"option celery_retry_max_attempts.\n{tail}"
         )
+
+
+def _final_signature(signature: Any) -> Any:
+    """The part of a canvas whose result ``apply_async`` returns: a chain's last task, a
+    chord's callback (a group stays a group)."""
+    from celery.canvas import _chain, chord
+
+    while True:
+        if isinstance(signature, _chain) and signature.tasks:
+            signature = signature.tasks[-1]
+        elif isinstance(signature, chord):
+            signature = signature.body
+        else:
+            return signature
 
 
 @dataclass
@@ -689,6 +923,9 @@ class _Reports:
     """
 
     task_id: str
+    # The attempt running, and which delivery of its message it is (1, 2, ...).
+    attempt: Attempt
+    delivery: int
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     # The tracer's final state (task_postrun), and what it returned or raised.
@@ -699,6 +936,16 @@ class _Reports:
     # From the consumer: the message was requeued, or its ack (reject, requeue) failed.
     requeued: bool = False
     failed_settlement: str | None = None
+    # The consumer whose worker dies once the body ran (redeliver), and whether it did.
+    dies_after_run: Consumer | None = None
+    died: bool = False
+
+
+def _task_name(call: str, task: Any) -> str:
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    if not isinstance(name, str):
+        raise UsageError(f"{call}({task!r}): pass a task, a signature or a task name")
+    return name
 
 
 def _drop_tracebacks(attempt: Attempt) -> None:
@@ -726,3 +973,9 @@ def _cause_of(exc: BaseException) -> BaseException:
         if context is not None:
             return context
     return exc
+
+
+def _close_whatever_the_broker_does(consumer: Consumer) -> None:
+    # The worker stops whatever the broker does (a hang would make its close wait).
+    with consumer.broker.suspend_faults():
+        consumer.close()

@@ -201,6 +201,7 @@ class TestBlipDuringTheTask:
         # RabbitMQ dropped the connection at t=0; the ack at t=1 goes into the dead socket.
         # (tests/test_real_brokers.py shows the real double run.)
         assert [a.t for a in run.attempts] == [0, 1]
+        assert [(a.retries, a.redelivered) for a in run.attempts] == [(0, False), (0, True)]
         assert run.attempts[0].ack_failed
         assert actions(retry_worker) == ["ack failed", "connection lost", "reconnected", "acked"]
 

@@ -23,6 +23,7 @@ from pytest_celery_retry import (
     assert_not_retried,
     assert_publish_retries,
     assert_retried,
+    assert_side_effect,
 )
 
 
@@ -51,26 +52,33 @@ def test_jittered_backoff_stays_under_the_caps(retry_worker):
     assert_backoff(run, jitter=[2, 4, 8, 16])
 
 
-def test_unreliable_api_succeeds_on_the_third_call(retry_worker, rates_api):
+def test_unreliable_api_recovers_before_the_third_attempt(retry_worker, rates_api):
+    rates_api.down = True
+    calls = retry_worker.track(rates_api, "get_rate")
+
+    @retry_worker.before_attempt(fetch_rate, 3)
+    def the_api_recovers():
+        rates_api.down = False
+
     run = retry_worker.apply(fetch_rate, args=("EUR",))
 
     assert run.result == 0.92
     assert_retried(run, times=2)
     assert_backoff(run, [10, 10])
     assert [type(a.exc) for a in run.attempts[:2]] == [TransientHTTPError] * 2
-    assert rates_api.calls == 3
+    assert_side_effect(calls, times=3)
 
 
-def test_first_call_succeeds_without_retry(retry_worker, rates_api):
-    rates_api.failures = 0  # the fixture sets it back for the next test
-
+def test_first_call_succeeds_without_retry(retry_worker):
     run = retry_worker.apply(fetch_rate, args=("GBP",))
 
     assert_not_retried(run)
     assert run.result == 0.79
 
 
-def test_delayed_tasks_run_until_idle(retry_worker, flaky_broker):
+def test_delayed_tasks_run_until_idle(retry_worker, flaky_broker, rates_api):
+    rates_api.down = True
+    retry_worker.before_attempt(fetch_rate, 3, lambda: setattr(rates_api, "down", False))
     first = foo_task.delay()
     second = fetch_rate.delay("EUR")
 

@@ -20,8 +20,12 @@ CELERY_VERSION = tuple(int(part) for part in celery.__version__.split(".")[:2])
 # -- the task retries, and each attempt works on the test's database ---------------------------
 @pytest.mark.django_db
 def test_charge_retries_until_the_gateway_answers(retry_worker, gateway):
-    gateway.failures = 2
+    gateway.down = True
     order = Order.objects.create(amount_cents=1999)
+
+    @retry_worker.before_attempt(charge_order, 3)
+    def the_gateway_recovers():
+        gateway.down = False
 
     run = retry_worker.apply(charge_order, args=(order.pk,))
 
@@ -36,7 +40,7 @@ def test_charge_retries_until_the_gateway_answers(retry_worker, gateway):
 
 @pytest.mark.django_db
 def test_charge_gives_up_and_leaves_the_order_pending(retry_worker, gateway):
-    gateway.failures = 100
+    gateway.down = True  # for good
     order = Order.objects.create(amount_cents=1999)
 
     run = retry_worker.apply(charge_order, args=(order.pk,))
@@ -54,7 +58,8 @@ def test_charge_gives_up_and_leaves_the_order_pending(retry_worker, gateway):
 def test_place_order_publishes_only_after_commit(
     client, django_capture_on_commit_callbacks, flaky_broker, retry_worker, gateway
 ):
-    gateway.failures = 1
+    gateway.down = True
+    retry_worker.before_attempt(charge_order, 2, lambda: setattr(gateway, "down", False))
     # The test runs inside a transaction that never commits: capture the on_commit callbacks.
     with django_capture_on_commit_callbacks() as callbacks:
         response = client.post("/orders/", {"amount_cents": 1999})
