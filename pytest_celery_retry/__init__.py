@@ -12,7 +12,7 @@ import pytest
 
 __version__ = "0.1.0"
 
-pytest.register_assert_rewrite("pytest_celery_retry.assertions")
+pytest.register_assert_rewrite("pytest_celery_retry.assertions", "pytest_celery_retry.invariants")
 
 from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_backoff,
@@ -26,6 +26,13 @@ from .errors import (  # noqa: E402
     ConfigurationError,
     EndlessRetryError,
     UsageError,
+)
+from .faults import FaultSchedule, OperationFault, Outage, WorkerCrash  # noqa: E402
+from .invariants import (  # noqa: E402
+    PublishOutcome,
+    assert_finishes_within,
+    assert_no_task_lost,
+    assert_publish_succeeds_or_raises,
 )
 from .records import (  # noqa: E402
     Attempt,
@@ -42,6 +49,7 @@ from .records import (  # noqa: E402
 
 if TYPE_CHECKING:
     from .broker import BrokerDownError, InMemoryBroker
+    from .explorer import FaultExplorer
     from .proxy import BrokerProxy
     from .worker import ArgumentEncodeError, RetryWorker
 
@@ -50,6 +58,7 @@ _LAZY = {
     "ArgumentEncodeError": "worker",
     "BrokerDownError": "broker",
     "BrokerProxy": "proxy",
+    "FaultExplorer": "explorer",
     "InMemoryBroker": "broker",
     "RetryWorker": "worker",
 }
@@ -75,9 +84,14 @@ __all__ = [
     "ConnectionAttempt",
     "DeliveredMessage",
     "EndlessRetryError",
+    "FaultExplorer",
+    "FaultSchedule",
     "InMemoryBroker",
     "MessageEvent",
+    "OperationFault",
+    "Outage",
     "ProxyEvent",
+    "PublishOutcome",
     "PublishRecord",
     "Redelivery",
     "RetryWorker",
@@ -85,9 +99,13 @@ __all__ = [
     "UnackedMessage",
     "UsageError",
     "VirtualClock",
+    "WorkerCrash",
     "__version__",
     "assert_backoff",
+    "assert_finishes_within",
+    "assert_no_task_lost",
     "assert_not_retried",
     "assert_publish_retries",
+    "assert_publish_succeeds_or_raises",
     "assert_retried",
 ]

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from queue import Queue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kombu import serialization
 from kombu.exceptions import OperationalError
@@ -51,6 +51,9 @@ from .records import (
     parse_eta,
 )
 
+if TYPE_CHECKING:
+    from .faults import FaultSchedule
+
 __all__ = ["OPERATIONS", "BrokerDownError", "InMemoryBroker", "PublishAnnouncements"]
 
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
@@ -76,9 +79,11 @@ class _Fault:
     error: ExceptionFactory | None
     rate: float = 1.0
     rng: random.Random | None = None
+    # The virtual time from which the fault applies (fail_next(starting_in=...)).
+    active_from: float = 0.0
 
-    def fires(self, kind: str) -> bool:
-        if kind not in self.on or self.remaining == 0:
+    def fires(self, kind: str, now: float) -> bool:
+        if kind not in self.on or self.remaining == 0 or now < self.active_from:
             return False
         if self.skip:
             self.skip -= 1
@@ -126,10 +131,12 @@ class InMemoryBroker:
         # down, waiting for a visibility sweep.
         self.unacked: list[UnackedMessage] = []
         self._faults: list[_Fault] = []
+        # The FaultSchedule applied to it, if any: invariants print it when they fail.
+        self.fault_schedule: FaultSchedule | None = None
         self._down = False
         self._down_since = 0.0  # when down() began, for BrokerDownError
-        self._down_from = 0.0
-        self._down_until: float | None = None
+        # Each scheduled outage() as (from, until), in virtual seconds.
+        self._outages: list[tuple[float, float]] = []
         # When each down() or outage() began (or begins): it cuts the connections open then.
         # Moments are (virtual time, event number): things at one virtual instant stay ordered.
         self._outage_starts: list[tuple[float, int]] = []
@@ -150,8 +157,12 @@ class InMemoryBroker:
         on: str | Iterable[str] = "connect",
         exc: BaseException | type[BaseException] | None = None,
         after: int = 0,
+        starting_in: float = 0,
     ) -> None:
-        """Make the next ``n`` operations of kind ``on`` fail (after letting ``after`` pass)."""
+        """Make the next ``n`` operations of kind ``on`` fail (after letting ``after`` pass).
+
+        With ``starting_in``, only operations from that many virtual seconds on count.
+        """
         if not is_whole_number(n) or n < 0:
             raise UsageError(
                 f"fail_next(n={n!r}): n is how many operations fail, a whole number >= 0 "
@@ -159,7 +170,8 @@ class InMemoryBroker:
             )
         if not is_whole_number(after) or after < 0:
             raise UsageError(f"fail_next(after={after!r}): after must be a whole number >= 0")
-        self._faults.append(_Fault(_kinds(on), n, after, _error_factory(exc)))
+        start = self._start("fail_next", starting_in)
+        self._faults.append(_Fault(_kinds(on), n, after, _error_factory(exc), active_from=start))
 
     def fail_randomly(
         self,
@@ -187,9 +199,9 @@ class InMemoryBroker:
         self._outage_starts.append(self._moment())
 
     def up(self) -> None:
-        """End :meth:`down`, an outage, and every pending fault."""
+        """End :meth:`down`, every outage, and every pending fault."""
         self._down = False
-        self._down_until = None
+        self._outages.clear()
         self._faults.clear()
 
     def outage(self, seconds: float, starting_in: float = 0) -> None:
@@ -199,22 +211,23 @@ class InMemoryBroker:
                 f"outage(seconds={seconds!r}): an outage lasts a positive, finite number of "
                 "virtual seconds (down() is a broker that stays down)"
             )
+        start = self._start("outage", starting_in)
+        self._outages.append((start, start + seconds))
+        self._outage_starts.append((start, next(self._events)))
+
+    def _start(self, method: str, starting_in: float) -> float:
         if not is_finite_number(starting_in) or starting_in < 0:
             raise UsageError(
-                f"outage(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
+                f"{method}(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
             )
-        self._down_from = self.clock.elapsed + starting_in
-        self._down_until = self._down_from + seconds
-        self._outage_starts.append((self._down_from, next(self._events)))
+        return self.clock.elapsed + starting_in
 
     @property
     def is_down(self) -> bool:
         if self._down:
             return True
-        return (
-            self._down_until is not None
-            and self._down_from <= self.clock.elapsed < self._down_until
-        )
+        now = self.clock.elapsed
+        return any(start <= now < end for start, end in self._outages)
 
     def suspend_faults(self) -> _Suspended:
         """Context manager: operations inside succeed and are not counted against faults."""
@@ -386,18 +399,18 @@ class InMemoryBroker:
 
     @property
     def next_outage_start(self) -> float | None:
-        """When a scheduled :meth:`outage` begins, if it lies ahead (virtual seconds)."""
-        if self._down_until is None or self._down_from <= self.clock.elapsed:
-            return None
-        return self._down_from
+        """When the next scheduled :meth:`outage` begins, if one lies ahead (virtual seconds)."""
+        now = self.clock.elapsed
+        return min((start for start, _ in self._outages if start > now), default=None)
 
     def _fault_for(self, kind: OperationKind) -> BaseException | None:
         if self._suspended:
             return None
         if self.is_down:
             return self.rules.error(kind, self.address)
+        now = self.clock.elapsed
         for fault in self._faults:
-            if fault.fires(kind):
+            if fault.fires(kind, now):
                 if fault.error is not None:
                     return fault.error(kind)
                 return self.rules.error(kind, self.address)

@@ -31,6 +31,7 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
+from .broker import InMemoryBroker
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
@@ -147,7 +148,8 @@ class RetryWorker:
         # What Celery and the consumer report while an attempt runs, for _execute to record.
         self._reports: _Reports | None = None
         self._receiver_connected = False
-        self._crashes: dict[str, int] = {}
+        # Crashes to come, per task name: [virtual time from which it applies, how many].
+        self._crashes: dict[str, list[list[float]]] = {}
 
     @property
     def clock(self) -> VirtualClock:
@@ -156,6 +158,11 @@ class RetryWorker:
     @property
     def settings(self) -> Settings:
         return self._session.settings
+
+    @property
+    def brokers(self) -> list[InMemoryBroker]:
+        """The in-memory brokers of this worker's test (one per app), in installation order."""
+        return [installed.broker for installed in self._session.installations.values()]
 
     # -- public API ------------------------------------------------------------------------
     def apply(
@@ -227,8 +234,9 @@ class RetryWorker:
             if len(run.attempts) != before.get(task_id, 0)
         }
 
-    def crash_during(self, task: Any, times: int = 1) -> None:
-        """Lose the worker process during the next ``times`` executions of ``task``.
+    def crash_during(self, task: Any, times: int = 1, starting_in: float = 0) -> None:
+        """Lose the worker process during the next ``times`` executions of ``task``
+        (those that start ``starting_in`` virtual seconds from now or later).
 
         The pool reports ``WorkerLostError`` after accepting the job, as the prefork pool does
         for a killed child, before the task body runs (so it has no side effects). Celery
@@ -241,7 +249,12 @@ class RetryWorker:
             raise UsageError(f"crash_during({task!r}): pass a task, a signature or a task name")
         if not is_whole_number(times) or times < 1:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
-        self._crashes[name] = self._crashes.get(name, 0) + times
+        if not is_finite_number(starting_in) or starting_in < 0:
+            raise UsageError(
+                f"crash_during(starting_in={starting_in!r}): give the virtual seconds from now, "
+                ">= 0"
+            )
+        self._crashes.setdefault(name, []).append([self.clock.elapsed + starting_in, times])
 
     def task_run(self, task_id: str) -> TaskRun:
         """The run of ``task_id`` (as ``runs[task_id]``, with an error that lists the known ids)."""
@@ -326,8 +339,7 @@ class RetryWorker:
         deliveries_before = broker.delivery_count
         events_before = len(self.events)
         crash: WorkerLostError | None = None
-        if self._crashes.get(run.task_name, 0) > 0:
-            self._crashes[run.task_name] -= 1
+        if self._take_crash(run.task_name):
             crash = self._pool.crash_next = WorkerLostError(
                 "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
             )
@@ -368,6 +380,14 @@ class RetryWorker:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
+
+    def _take_crash(self, task_name: str) -> bool:
+        """Whether this execution of ``task_name`` loses its process (crash_during)."""
+        for crash in self._crashes.get(task_name, ()):
+            if crash[1] > 0 and crash[0] <= self.clock.elapsed:
+                crash[1] -= 1
+                return True
+        return False
 
     @staticmethod
     def _record_reports(attempt: Attempt, reports: _Reports) -> None:
