@@ -376,7 +376,7 @@ class RetryWorker:
                     else 0.0
                 )
                 break
-        if attempt.outcome == "rejected" and not attempt.retry_published:
+        if attempt.outcome == "rejected" and not attempt.retry_published and not attempt.ack_failed:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
