@@ -19,6 +19,7 @@ from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_not_retried,
     assert_publish_retries,
     assert_retried,
+    assert_side_effect,
 )
 from .clock import VirtualClock  # noqa: E402
 from .errors import (  # noqa: E402
@@ -43,6 +44,8 @@ from .records import (  # noqa: E402
     ProxyEvent,
     PublishRecord,
     Redelivery,
+    SideEffect,
+    SideEffectCall,
     TaskRun,
     UnackedMessage,
 )
@@ -95,6 +98,8 @@ __all__ = [
     "PublishRecord",
     "Redelivery",
     "RetryWorker",
+    "SideEffect",
+    "SideEffectCall",
     "TaskRun",
     "UnackedMessage",
     "UsageError",
@@ -108,4 +113,5 @@ __all__ = [
     "assert_publish_retries",
     "assert_publish_succeeds_or_raises",
     "assert_retried",
+    "assert_side_effect",
 ]

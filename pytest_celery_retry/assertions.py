@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from .errors import UsageError, is_finite_number, is_whole_number
-from .records import PublishRecord, TaskRun
+from .records import PublishRecord, SideEffect, TaskRun
 
 __all__ = [
     "PublishRecorder",
@@ -18,6 +18,7 @@ __all__ = [
     "assert_not_retried",
     "assert_publish_retries",
     "assert_retried",
+    "assert_side_effect",
 ]
 
 __tracebackhide__ = True
@@ -197,6 +198,40 @@ def assert_publish_retries(
             f"publish of {record.task_name or 'a message'}: " + "; ".join(problems),
             broker.timeline(),
         )
+
+
+def assert_side_effect(
+    effect: SideEffect, times: int | None = None, *, at_most: int | None = None
+) -> None:
+    """The tracked function was called exactly ``times`` times (or at most ``at_most``)."""
+    __tracebackhide__ = True
+    if not isinstance(effect, SideEffect):
+        raise TypeError(
+            "assert_side_effect() checks what retry_worker.track(target, 'attribute') returned, "
+            f"got {type(effect).__name__}"
+        )
+    if (times is None) == (at_most is None):
+        raise UsageError(
+            "assert_side_effect(effect, times=N) or assert_side_effect(effect, at_most=N): "
+            "give one of them"
+        )
+    bound = times if times is not None else at_most
+    if bound is None or not is_whole_number(bound) or bound < 0:
+        keyword = "times" if times is not None else "at_most"
+        raise UsageError(
+            f"assert_side_effect({keyword}={bound!r}): how many calls, a whole number >= 0"
+        )
+    count = effect.count
+    if count == times or (at_most is not None and count <= at_most):
+        return
+    tasks = len(effect.task_ids)
+    from_tasks = f" from {tasks} task id(s)" if tasks else ""
+    expected = f"exactly {times}" if times is not None else f"at most {at_most}"
+    _fail(
+        f"expected {effect.name} to be called {expected} time(s), it was called {count} "
+        f"time(s){from_tasks}",
+        effect.timeline(),
+    )
 
 
 def _fmt(values: Sequence[float]) -> str:

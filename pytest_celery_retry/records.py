@@ -6,7 +6,7 @@ readable. Every time is in virtual seconds since the test's clock started (``t``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
@@ -30,6 +30,8 @@ __all__ = [
     "PublishRecord",
     "Redelivery",
     "RunState",
+    "SideEffect",
+    "SideEffectCall",
     "TaskRun",
     "UnackedMessage",
     "describe_exception",
@@ -45,7 +47,11 @@ def describe_exception(exc: BaseException | None) -> str:
     """``Type('message')`` shortened to fit a table cell."""
     if exc is None:
         return "-"
-    text = f"{type(exc).__name__}({str(exc)!r})"
+    return _shorten(f"{type(exc).__name__}({str(exc)!r})")
+
+
+def _shorten(text: str) -> str:
+    """``text`` cut to fit a table cell."""
     return text if len(text) <= _EXC_WIDTH else text[: _EXC_WIDTH - 3] + "..."
 
 
@@ -95,6 +101,8 @@ class Attempt:
     requeued: bool = False
     # Its message's ack (or reject) failed: the broker will deliver the message again.
     ack_failed: bool = False
+    # The broker delivered its message again (Celery's ``request.delivery_info["redelivered"]``).
+    redelivered: bool = False
     # Virtual seconds the worker held its message back for the task's rate_limit.
     rate_limit_hold: float = 0.0
     note: str = ""
@@ -171,11 +179,14 @@ class TaskRun:
         title = f"retry timeline of {self.task_name}[{self.task_id}]"
         if self.seed is not None:
             title += f" (seed {self.seed})"
+        # Only a run whose message came back again shows which deliveries were redeliveries.
+        redeliveries = any(a.redelivered for a in self.attempts)
         rows = [
             [
                 str(a.number),
                 f"{a.t - self.attempts[0].t:+.3f}s",
                 str(a.retries),
+                *(["yes" if a.redelivered else "no"] if redeliveries else []),
                 a.outcome or "running",
                 format_seconds(a.countdown) if a.retry_published else "-",
                 describe_exception(a.exc),
@@ -183,7 +194,8 @@ class TaskRun:
             + ([a.note] if a.note else [])
             for a in self.attempts
         ]
-        headers = ["#", "t", "retries", "outcome", "countdown", "exception"]
+        headers = ["#", "t", "retries", *(["redelivered"] if redeliveries else [])]
+        headers += ["outcome", "countdown", "exception"]
         if any(a.note for a in self.attempts):
             headers.append("note")
         table = format_table(headers, rows)
@@ -200,6 +212,81 @@ class TaskRun:
             f"<TaskRun {self.task_name}[{self.task_id}] state={self.state} "
             f"attempts={len(self.attempts)} countdowns={self.countdowns}>"
         )
+
+
+@dataclass
+class SideEffectCall:
+    """One call of a side effect a test tracks (``retry_worker.track``).
+
+    The task fields are ``None`` for a call made outside a task (by the test itself).
+    """
+
+    number: int
+    t: float
+    task_id: str | None
+    task_name: str | None
+    # The calling attempt's ``Attempt.number``: every execution of the task id counts,
+    # redeliveries included.
+    attempt: int | None
+    # ``request.retries`` of the calling attempt.
+    retries: int | None
+    # Which delivery of the attempt's message: 1, then 2 for its first redelivery, ...
+    delivery: int | None
+    redelivered: bool
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    raised: BaseException | None = None
+    result: Any = None
+
+
+@dataclass
+class SideEffect:
+    """Every call of one tracked function, in order, beside the runs of the tasks that made it."""
+
+    name: str
+    calls: list[SideEffectCall] = field(default_factory=list)
+    # The worker's runs, by task id: the timelines a failed assertion shows.
+    runs: Mapping[str, TaskRun] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    @property
+    def task_ids(self) -> list[str]:
+        """The task ids that called it, in the order of their first call."""
+        return list(dict.fromkeys(c.task_id for c in self.calls if c.task_id is not None))
+
+    def timeline(self) -> str:
+        """Every call, then the timeline of every run that made one (of every run if none did)."""
+        rows = [
+            [
+                str(c.number),
+                f"{c.t:.3f}s",
+                f"{c.task_name}[{c.task_id}]" if c.task_id else "(outside a task)",
+                _or_dash(c.attempt),
+                _or_dash(c.retries),
+                _or_dash(c.delivery),
+                "yes" if c.redelivered else "no",
+                _call_arguments(c.args, c.kwargs),
+                describe_exception(c.raised) if c.raised is not None else "returned",
+            ]
+            for c in self.calls
+        ]
+        headers = ["#", "t", "task", "attempt", "retries", "delivery", "redelivered", "arguments"]
+        table = format_table([*headers, "outcome"], rows) if rows else "  (no calls)"
+        ids = self.task_ids or list(self.runs)
+        runs = "\n".join(self.runs[task_id].timeline() for task_id in ids if task_id in self.runs)
+        head = f"calls of {self.name} ({len(self.calls)})"
+        return f"{head}\n{_indent(table) if rows else table}\n{runs}".rstrip()
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _call_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    return _shorten(", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]))
 
 
 @dataclass

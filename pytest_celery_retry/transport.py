@@ -110,6 +110,9 @@ class _Channel(memory.Channel):
         delivered_at = self.qos.delivered_at.pop(message.delivery_tag, None)
         if not self.connection.broker.on_restore(message, delivered_at):
             return
+        # What the worker's Request reads as delivery_info["redelivered"]: RabbitMQ's flag
+        # on the delivery, kombu's redis transport's mark on the message it puts back.
+        message.delivery_info["redelivered"] = True
         self._restoring = True
         try:
             super()._restore(message)

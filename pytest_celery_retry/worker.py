@@ -15,7 +15,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,11 +40,13 @@ from .records import (
     Attempt,
     AttemptOutcome,
     MessageEvent,
+    SideEffect,
     TaskRun,
     describe_exception,
     parse_eta,
 )
 from .session import AppInstallation, RetrySession, Settings
+from .side_effects import CallContext, Tracked
 from .task_time import TaskTime
 
 __all__ = ["ArgumentEncodeError", "MessageEvent", "RetryWorker"]
@@ -150,6 +152,7 @@ class RetryWorker:
         self._receiver_connected = False
         # Crashes to come, per task name: [virtual time from which it applies, how many].
         self._crashes: dict[str, list[list[float]]] = {}
+        self._tracked: list[Tracked] = []
 
     @property
     def clock(self) -> VirtualClock:
@@ -256,6 +259,18 @@ class RetryWorker:
             )
         self._crashes.setdefault(name, []).append([self.clock.elapsed + starting_in, times])
 
+    def track(self, target: Any, attribute: str, name: str | None = None) -> SideEffect:
+        """Record every call of ``target.attribute`` (a function the tasks call) until teardown.
+
+        The function is replaced by a wrapper that calls through to it and notes the virtual
+        time, the calling task's id, attempt, ``retries`` and delivery, the arguments, and
+        what it returned or raised. Track it where the task looks it up, as with
+        ``mock.patch``. Returns the :class:`SideEffect` the calls accumulate in.
+        """
+        tracked = Tracked(target, attribute, name, self.clock, self._call_context, self.runs)
+        self._tracked.append(tracked)
+        return tracked.effect
+
     def task_run(self, task_id: str) -> TaskRun:
         """The run of ``task_id`` (as ``runs[task_id]``, with an error that lists the known ids)."""
         try:
@@ -276,10 +291,14 @@ class RetryWorker:
         return self.task_run(task_id)
 
     def close(self) -> None:
-        for consumer in self._consumers.values():
-            consumer.close()
-        self._consumers.clear()
-        self._disconnect_receivers()
+        with ExitStack() as undo:
+            for tracked in self._tracked:
+                undo.callback(tracked.restore)
+            self._tracked.clear()
+            undo.callback(self._disconnect_receivers)
+            for consumer in self._consumers.values():
+                undo.callback(consumer.close)
+            self._consumers.clear()
 
     # -- the loop --------------------------------------------------------------------------
     def _work(
@@ -332,6 +351,7 @@ class RetryWorker:
             retries=int(headers.get("retries") or 0),
             started_at=self.clock.now(),
             t=self.clock.elapsed,
+            redelivered=bool((headers.get("delivery_info") or {}).get("redelivered")),
         )
         if run.attempts:
             _drop_tracebacks(run.attempts[-1])
@@ -343,7 +363,7 @@ class RetryWorker:
             crash = self._pool.crash_next = WorkerLostError(
                 "Worker exited prematurely: signal 9 (SIGKILL) (simulated by crash_during)"
             )
-        reports = self._reports = _Reports(run.task_id)
+        reports = self._reports = _Reports(run.task_id, attempt, run)
         revoked: TaskRevokedError | None = None
         try:
             with remembered_tracebacks():
@@ -484,6 +504,21 @@ class RetryWorker:
     def _reporting(self, task_id: str | None) -> _Reports | None:
         reports = self._reports
         return reports if reports is not None and task_id == reports.task_id else None
+
+    def _call_context(self) -> CallContext:
+        """Which attempt a tracked function is called in: the one running, if any."""
+        reports = self._reports
+        if reports is None:
+            return CallContext()
+        attempt = reports.attempt
+        return CallContext(
+            attempt.task_id,
+            attempt.task_name,
+            attempt.number,
+            attempt.retries,
+            delivery=sum(1 for a in reports.run.attempts if a.retries == attempt.retries),
+            redelivered=attempt.redelivered,
+        )
 
     def _on_settled(self, task_id: str, action: str) -> None:
         """The consumer's callback: what became of the message of the running attempt."""
@@ -709,6 +744,9 @@ class _Reports:
     """
 
     task_id: str
+    # The attempt running, and its run (for the calls of tracked side effects).
+    attempt: Attempt
+    run: TaskRun
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     # The tracer's final state (task_postrun), and what it returned or raised.
