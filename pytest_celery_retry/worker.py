@@ -150,8 +150,8 @@ class RetryWorker:
         # What Celery and the consumer report while an attempt runs, for _execute to record.
         self._reports: _Reports | None = None
         self._receiver_connected = False
-        # Crashes to come, per task name: [virtual time from which it applies, how many].
-        self._crashes: dict[str, list[list[float]]] = {}
+        # Crashes to come, per task name.
+        self._crashes: dict[str, list[_Crash]] = {}
         self._tracked: list[Tracked] = []
 
     @property
@@ -257,7 +257,7 @@ class RetryWorker:
                 f"crash_during(starting_in={starting_in!r}): give the virtual seconds from now, "
                 ">= 0"
             )
-        self._crashes.setdefault(name, []).append([self.clock.elapsed + starting_in, times])
+        self._crashes.setdefault(name, []).append(_Crash(self.clock.elapsed + starting_in, times))
 
     def track(self, target: Any, attribute: str, name: str | None = None) -> SideEffect:
         """Record every call of ``target.attribute`` (a function the tasks call) until teardown.
@@ -404,8 +404,8 @@ class RetryWorker:
     def _take_crash(self, task_name: str) -> bool:
         """Whether this execution of ``task_name`` loses its process (crash_during)."""
         for crash in self._crashes.get(task_name, ()):
-            if crash[1] > 0 and crash[0] <= self.clock.elapsed:
-                crash[1] -= 1
+            if crash.remaining > 0 and crash.active_from <= self.clock.elapsed:
+                crash.remaining -= 1
                 return True
         return False
 
@@ -734,6 +734,14 @@ class RetryWorker:
             "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
             f"option celery_retry_max_attempts.\n{tail}"
         )
+
+
+@dataclass
+class _Crash:
+    """Executions of a task that lose their process (crash_during), from a virtual time on."""
+
+    active_from: float
+    remaining: int
 
 
 @dataclass

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import find, given, settings
 
 from pytest_celery_retry import (
     FaultSchedule,
@@ -220,11 +219,22 @@ def test_publish_succeeds_or_raises(flaky_broker: Any, app: Any) -> None:
     assert [m.task_name for m in delivered.delivered] == ["x"]
 
 
-def test_invariants_refuse_what_they_cannot_check() -> None:
+def test_invariants_refuse_what_they_cannot_check(flaky_broker: Any) -> None:
     with pytest.raises(UsageError, match="pass the retry worker"):
         assert_no_task_lost(object())  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="pass the in-memory broker"):
         assert_publish_succeeds_or_raises(object(), lambda: None)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"publish=3\): pass a function that publishes"):
+        assert_publish_succeeds_or_raises(flaky_broker, 3)  # type: ignore[arg-type]
+
+
+def test_timed_faults_refuse_a_bad_start(flaky_broker: Any, retry_worker: Any) -> None:
+    with pytest.raises(UsageError, match=r"fail_next\(starting_in=-1\): give the virtual"):
+        flaky_broker.fail_next(1, on="publish", starting_in=-1)
+    with pytest.raises(UsageError, match=r"crash_during\(starting_in=nan\): give the virtual"):
+        retry_worker.crash_during("foo.task", starting_in=float("nan"))
+    with pytest.raises(UsageError, match="a worker crash needs the retry worker"):
+        FaultSchedule([WorkerCrash("foo.task", 1)]).apply(flaky_broker)
 
 
 # -- what a user writes ------------------------------------------------------------------------
@@ -305,12 +315,14 @@ def test_my_own_assertion_fails(fault_explorer, schedule):
         assert len(schedule) == 0
 """
     )
-    result = project.runpytest("-p", "no:randomly")
+    result = project.runpytest("-p", "no:randomly", "--hypothesis-show-statistics")
     result.assert_outcomes(passed=1, failed=1)
     # A plain assertion's report shows the schedule too, from hypothesis.note().
     result.stdout.fnmatch_lines(
         ["*fault schedule: broker down from t=0 s for 1 s", "*celery-retry seed 1234*"]
     )
+    # hypothesis.event() counts the kinds of schedules tried.
+    result.stdout.fnmatch_lines(["*schedule with Outage*", "*schedule with no faults*"])
 
 
 def test_strategies_without_hypothesis_name_the_extra() -> None:
@@ -324,9 +336,10 @@ def test_strategies_without_hypothesis_name_the_extra() -> None:
     assert "pip install 'pytest-celery-retry[hypothesis]'" in out.stdout
 
 
-# Hypothesis drives this one only to check the strategies' shrinking target: the simplest
-# schedule is no fault at all.
-@settings(max_examples=1, deadline=None, database=None)
-@given(st.data())
-def test_the_simplest_schedule_is_empty(data: st.DataObject) -> None:
-    assert isinstance(data.draw(fault_schedules()), FaultSchedule)
+def test_schedules_shrink_to_fewer_earlier_shorter_faults() -> None:
+    # The simplest schedule of all is no fault; the simplest outage starts at 0 and lasts 1 s.
+    assert find(fault_schedules(), lambda _: True) == FaultSchedule()
+    one = find(fault_schedules(kinds=["outage"]), lambda s: len(s) > 0)
+    assert one == FaultSchedule([Outage(start=0, seconds=1)])
+    longer = find(fault_schedules(kinds=["outage"]), lambda s: any(f.start >= 5 for f in s))
+    assert longer == FaultSchedule([Outage(start=5, seconds=1)])
