@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .app_state import app_from_spec
+from .errors import UsageError
 from .faults import FaultSchedule
 from .session import RetrySession, Settings
 
@@ -68,8 +69,6 @@ class FaultExplorer:
         from .worker import RetryWorker
 
         if schedule is not None and not isinstance(schedule, FaultSchedule):
-            from .errors import UsageError
-
             raise UsageError(
                 f"example({schedule!r}): pass a FaultSchedule, e.g. one drawn from "
                 "pytest_celery_retry.strategies.fault_schedules()"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from .errors import UsageError, is_finite_number, is_whole_number
 
@@ -38,19 +38,15 @@ _FAILS = {
 }
 
 
-def _check_time(fault: str, name: str, value: object, positive: bool = False) -> None:
-    if not is_finite_number(value) or value < 0 or (positive and value == 0):  # type: ignore[operator]
+def _check_time(fault: str, name: str, value: Any, positive: bool = False) -> None:
+    if not is_finite_number(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise UsageError(f"{fault}({name}={value!r}): give virtual seconds, a number {bound}")
 
 
-def _check_times(fault: str, times: object) -> None:
-    if not is_whole_number(times) or times < 1:  # type: ignore[operator]
+def _check_times(fault: str, times: Any) -> None:
+    if not is_whole_number(times) or times < 1:
         raise UsageError(f"{fault}(times={times!r}): a whole number >= 1")
-
-
-def _in(start: float, now: float) -> str:
-    return f"{start - now:g}"
 
 
 @dataclass(frozen=True)
@@ -67,8 +63,9 @@ class Outage:
     def __str__(self) -> str:
         return f"broker down from t={self.start:g} s for {self.seconds:g} s"
 
-    def code(self, broker: str, worker: str, now: float = 0.0) -> str:
-        return f"{broker}.outage({self.seconds:g}, starting_in={_in(self.start, now)})"
+    def code(self, broker: str, worker: str) -> str:
+        """The call that schedules it in a test, at ``t=0``."""
+        return f"{broker}.outage({self.seconds:g}, starting_in={self.start:g})"
 
     def apply(self, broker: InMemoryBroker, worker: RetryWorker | None) -> None:
         broker.outage(self.seconds, starting_in=max(0.0, self.start - broker.clock.elapsed))
@@ -95,10 +92,8 @@ class OperationFault:
         what = f"the next {one}" if self.times == 1 else f"the next {self.times} {many}"
         return f"from t={self.start:g} s, {what}"
 
-    def code(self, broker: str, worker: str, now: float = 0.0) -> str:
-        return (
-            f"{broker}.fail_next({self.times}, on={self.on!r}, starting_in={_in(self.start, now)})"
-        )
+    def code(self, broker: str, worker: str) -> str:
+        return f"{broker}.fail_next({self.times}, on={self.on!r}, starting_in={self.start:g})"
 
     def apply(self, broker: InMemoryBroker, worker: RetryWorker | None) -> None:
         broker.fail_next(
@@ -127,10 +122,9 @@ class WorkerCrash:
             f"{runs} of {self.task}"
         )
 
-    def code(self, broker: str, worker: str, now: float = 0.0) -> str:
+    def code(self, broker: str, worker: str) -> str:
         return (
-            f"{worker}.crash_during({self.task!r}, times={self.times}, "
-            f"starting_in={_in(self.start, now)})"
+            f"{worker}.crash_during({self.task!r}, times={self.times}, starting_in={self.start:g})"
         )
 
     def apply(self, broker: InMemoryBroker, worker: RetryWorker | None) -> None:

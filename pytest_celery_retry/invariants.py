@@ -67,10 +67,12 @@ def _fail(message: str) -> None:
     raise AssertionError(message)
 
 
-def _why_lost(run: TaskRun | None, task_id: str, broker: InMemoryBroker) -> str | None:
+def _why_lost(run: TaskRun | None, task_id: str, brokers: list[InMemoryBroker]) -> str | None:
     """Why ``task_id`` did not end in SUCCESS or FAILURE, or None if it did."""
     if run is None:
-        waiting = [m for m in broker.messages(queue=None) if m.task_id == task_id]
+        waiting = [
+            m for broker in brokers for m in broker.messages(queue=None) if m.task_id == task_id
+        ]
         name = waiting[0].task_name if waiting else "?"
         when = format_seconds(waiting[0].t) if waiting else "?"
         return (
@@ -79,7 +81,12 @@ def _why_lost(run: TaskRun | None, task_id: str, broker: InMemoryBroker) -> str 
         )
     last = run.last
     if run.lost and last is not None:
-        failed = [p for p in broker.publishes if p.task_id == task_id and not p.delivered]
+        failed = [
+            p
+            for broker in brokers
+            for p in broker.publishes
+            if p.task_id == task_id and not p.delivered
+        ]
         asked = failed[-1].attempt_times[0] if failed and failed[-1].operations else last.t
         return (
             f"the retry of {run.task_name}[{task_id}] published at t={asked:g} s never "
@@ -106,11 +113,9 @@ def assert_no_task_lost(worker: RetryWorker) -> None:
     lost: list[tuple[str, TaskRun | None]] = []
     for task_id in task_ids:
         run = worker.runs.get(task_id)
-        for broker in brokers:
-            why = _why_lost(run, task_id, broker)
-            if why is not None:
-                lost.append((why, run))
-                break
+        why = _why_lost(run, task_id, brokers)
+        if why is not None:
+            lost.append((why, run))
     if lost:
         whys = "\n".join(f"  - {why}" for why, _ in lost)
         runs = [run for _, run in lost if run is not None]

@@ -1,9 +1,12 @@
-"""The two recipes of docs/exploring-outages.md, scaled, for a real prefork worker process.
+"""The two recipes of docs/exploring-outages.md (proj.build_report, proj.charge_order).
 
-``tests/test_exploring_real.py`` starts ``celery worker -P prefork`` on this module, through
-the fault proxy, and applies a schedule the explorer printed in scaled real time. The
-environment gives the broker URL (the proxy's), the queue, the time scale and a log file,
-where the tasks write what happened (the worker process is not the test's).
+``tests/test_exploring_real.py`` explores them in the simulation (as imported there, at
+scale 1 on the in-memory broker), then starts ``celery worker -P prefork`` on this module
+through the fault proxy and applies the schedule the explorer printed, in scaled real time.
+For the worker, the environment gives the broker URL (the proxy's), the queue, the time scale
+and a log file, where the tasks write what happened (the worker process is not the test's).
+Not the example project itself: importing ``proj`` in the test process would register its
+shared ``foo.task`` over every test app's own.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ app.conf.update(
     # Without publisher confirms py-amqp "publishes" into a dropped connection unnoticed.
     broker_transport_options={"confirm_publish": True},
     broker_connection_retry_on_startup=True,
-    worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
+    # No pidbox queue: several of these workers may run at once on one broker.
+    worker_enable_remote_control=False,
 )
 
 
@@ -72,6 +76,15 @@ def build_report(self: Any) -> None:
         raise
 
 
+class PaymentGateway:
+    def charge(self, order_id: int) -> str:
+        note("charge", order_id)
+        return f"charge for order {order_id}"
+
+
+gateway = PaymentGateway()
+
+
 @app.task(name="explore.charge_order", bind=True, acks_late=True, max_retries=3)
 def charge_order(self: Any, order_id: int) -> str:
     """proj.charge_order: acks_late, retried once after a 2 s check, then charges."""
@@ -79,5 +92,4 @@ def charge_order(self: Any, order_id: int) -> str:
     time.sleep(2 * SCALE)
     if self.request.retries == 0:
         raise self.retry(countdown=5 * SCALE)
-    note("charge", order_id)
-    return f"charge for order {order_id}"
+    return gateway.charge(order_id)

@@ -33,24 +33,23 @@ from pytest_celery_retry.strategies import fault_schedules
 
 pytestmark = pytest.mark.real_broker
 
-# Real seconds per virtual second: the give-up at t=14 and the end of the outage at t=15
-# stay 0.75 s apart, room for a loaded machine.
-SCALE = 0.75
+# Real seconds per virtual second: each schedule's outage begins a virtual second from what
+# it must hit, and a loaded machine may be late by a good part of that.
+SCALE = 1.0
 HERE = Path(__file__).resolve().parent
-EXAMPLES = HERE.parent / "examples"
 ProxyFactory = Callable[[str], BrokerProxy]
 
 
 @pytest.fixture
-def proj() -> Iterator[Any]:
-    """The example project's module (its tasks are the recipes'), importable for this test."""
-    sys.path.insert(0, str(EXAMPLES))
+def recipes() -> Any:
+    """tests/exploring_real_app.py as the test process imports it: scale 1, in memory."""
+    sys.path.insert(0, str(HERE))
     try:
-        from proj import tasks
-
-        yield tasks
+        import exploring_real_app
     finally:
-        sys.path.remove(str(EXAMPLES))
+        sys.path.remove(str(HERE))
+    assert exploring_real_app.SCALE == 1
+    return exploring_real_app
 
 
 def shrunk(check: Callable[[FaultSchedule], None], **bounds: Any) -> FaultSchedule:
@@ -87,7 +86,7 @@ class RealWorker:
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "celery", "-A", "exploring_real_app", "worker"),
-                *("-P", "prefork", "-c", "1", "-Q", queue, "-l", "WARNING"),
+                *("-P", "prefork", "-c", "1", "-Q", queue, "-n", f"{queue}@%h", "-l", "WARNING"),
                 *("--without-gossip", "--without-mingle"),
             ],
             cwd=HERE,
@@ -128,14 +127,33 @@ class RealWorker:
         return f"events: {self.events()}"
 
 
-def run_schedule_on_proxy(schedule: FaultSchedule, proxy: BrokerProxy, t0: float) -> None:
-    """The schedule's outages at ``t0 + start * SCALE`` (wall clock), in the background."""
+def run_schedule_on_proxy(schedule: FaultSchedule, proxy: BrokerProxy, t0: float) -> list[float]:
+    """The schedule's outages at ``t0 + start * SCALE`` (wall clock), in the background.
+
+    Returns the list the virtual times they began at are appended to.
+    """
+    began: list[float] = []
+
+    def outage(seconds: float) -> None:
+        began.append((time.time() - t0) / SCALE)
+        proxy.outage(seconds)
+
     for fault in schedule:
         assert isinstance(fault, Outage), fault
         delay = max(0.0, t0 + fault.start * SCALE - time.time())
-        timer = threading.Timer(delay, proxy.outage, args=(fault.seconds * SCALE,))
+        timer = threading.Timer(delay, outage, args=(fault.seconds * SCALE,))
         timer.daemon = True
         timer.start()
+    return began
+
+
+def on_time(began: list[float], schedule: FaultSchedule) -> None:
+    """The outages began within half a virtual second of their moment (else the machine was
+    too loaded for this test to mean anything)."""
+    planned = [fault.start for fault in schedule]
+    assert len(began) == len(planned), (began, planned)
+    late = [b - p for b, p in zip(began, planned)]
+    assert all(abs(x) < 0.5 for x in late), f"outages began {late} virtual s late: machine loaded"
 
 
 @pytest.fixture
@@ -175,14 +193,14 @@ def delete_queues(*queues: str) -> None:
 
 # -- recipe 1: the seed's publish policy loses build_report's retry ----------------------------
 def test_the_outage_that_loses_build_report_loses_it_on_rabbitmq(
-    real: tuple[BrokerProxy, RealWorker, Any], proj: Any
+    real: tuple[BrokerProxy, RealWorker, Any], recipes: Any
 ) -> None:
     proxy, worker, publisher = real
     explorer = FaultExplorer(Settings())
 
     def never_lost(schedule: FaultSchedule) -> None:
-        with explorer.example(schedule, app=proj.app) as (simulated, _):
-            simulated.apply(proj.build_report)
+        with explorer.example(schedule, app=recipes.app) as (simulated, _):
+            simulated.apply(recipes.build_report)
             assert_no_task_lost(simulated)
 
     schedule = shrunk(never_lost, horizon=30, max_faults=1)
@@ -190,8 +208,9 @@ def test_the_outage_that_loses_build_report_loses_it_on_rabbitmq(
 
     publisher.send_task("explore.build_report")
     t0 = worker.wait_for("start", "0", timeout=30)
-    run_schedule_on_proxy(schedule, proxy, t0)
+    began = run_schedule_on_proxy(schedule, proxy, t0)
     rejected = worker.wait_for("rejected", "0", timeout=30 * SCALE + 20)
+    on_time(began, schedule)
     # The retry's publish gave up while the broker was down, as simulated at t=14.
     gave_up_at = (rejected - t0) / SCALE
     assert 13 <= gave_up_at < 15, (gave_up_at, worker.report())
@@ -203,26 +222,33 @@ def test_the_outage_that_loses_build_report_loses_it_on_rabbitmq(
 
 # -- recipe 2: acks_late charge_order is charged twice ------------------------------------------
 def test_the_outage_that_charges_twice_charges_twice_on_rabbitmq(
-    real: tuple[BrokerProxy, RealWorker, Any], proj: Any
+    real: tuple[BrokerProxy, RealWorker, Any], recipes: Any
 ) -> None:
     proxy, worker, publisher = real
     explorer = FaultExplorer(Settings())
 
     def charged_once(schedule: FaultSchedule) -> None:
-        with explorer.example(schedule, app=proj.app) as (simulated, _):
-            charges = simulated.track(proj.gateway, "charge")
-            simulated.apply(proj.charge_order, args=(7,))
+        with explorer.example(schedule, app=recipes.app) as (simulated, _):
+            charges = simulated.track(recipes.gateway, "charge")
+            simulated.apply(recipes.charge_order, args=(7,))
+            simulated.run_until_idle()  # what apply() left: a second retry, if any
             assert_side_effect(charges, times=1)
 
     schedule = shrunk(charged_once, horizon=10, max_faults=1)
-    assert schedule == FaultSchedule([Outage(start=8, seconds=1)])
+    assert schedule == FaultSchedule([Outage(start=1, seconds=1)])
 
     publisher.send_task("explore.charge_order", args=(7,))
     t0 = worker.wait_for("start", "0", timeout=30)
-    run_schedule_on_proxy(schedule, proxy, t0)
-    # The second attempt's late ack goes into the connection the outage dropped: RabbitMQ
-    # delivers the message again and the card is charged again.
-    second = worker.wait_for("charge", "7", count=2, timeout=30)
-    charges = [f for _, f in worker.events() if f[0] == "charge"]
-    assert charges == [["charge", "7"], ["charge", "7"]], worker.report()
-    assert (second - t0) / SCALE > 9
+    began = run_schedule_on_proxy(schedule, proxy, t0)
+    worker.wait_for("charge", "7", timeout=30)
+    on_time(began, schedule)
+    # The first attempt's late ack goes into the connection the outage dropped: RabbitMQ
+    # delivers the message again, the first attempt runs again and retries again, and both
+    # retries charge the card.
+    worker.wait_for("charge", "7", count=2, timeout=30)
+    time.sleep(SCALE * 2 + 1)  # room for a third
+    starts = [f for _, f in worker.events() if f[0] == "start"]
+    assert starts == [["start", "0"], ["start", "0"], ["start", "1"], ["start", "1"]], (
+        worker.report()
+    )
+    assert [f for _, f in worker.events() if f[0] == "charge"] == [["charge", "7"]] * 2
