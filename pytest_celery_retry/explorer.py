@@ -97,11 +97,12 @@ def _tell_hypothesis(schedule: FaultSchedule | None, seed: int) -> None:
     if "hypothesis" not in sys.modules:  # never imported for a test that does not use it
         return
     from hypothesis import event, note
-    from hypothesis.control import currently_in_test_context
+    from hypothesis.errors import InvalidArgument
 
-    if not currently_in_test_context():
-        return
     schedule = schedule if schedule is not None else FaultSchedule()
-    note(f"{schedule.describe()}\n(celery-retry seed {seed}: --celery-retry-seed={seed})")
+    try:
+        note(f"{schedule.describe()}\n(celery-retry seed {seed}: --celery-retry-seed={seed})")
+    except InvalidArgument:  # not inside a Hypothesis test (the explorer also works outside)
+        return
     for kind in sorted({type(fault).__name__ for fault in schedule}) or ["no faults"]:
         event(f"schedule with {kind}")

@@ -219,6 +219,21 @@ def test_publish_succeeds_or_raises(flaky_broker: Any, app: Any) -> None:
     assert [m.task_name for m in delivered.delivered] == ["x"]
 
 
+def test_a_publish_that_raises_after_its_message_arrived_fails(flaky_broker: Any, app: Any) -> None:
+    def publish_then_raise() -> None:
+        app.send_task("x")
+        raise RuntimeError("after the publish")
+
+    def publish_another() -> Any:
+        app.send_task("x")
+        return app.AsyncResult("not-sent")
+
+    with pytest.raises(AssertionError, match=r"raised RuntimeError\('after the publish'\) alth"):
+        assert_publish_succeeds_or_raises(flaky_broker, publish_then_raise)
+    with pytest.raises(AssertionError, match="returned the result of not-sent, whose message"):
+        assert_publish_succeeds_or_raises(flaky_broker, publish_another)
+
+
 def test_invariants_refuse_what_they_cannot_check(flaky_broker: Any) -> None:
     with pytest.raises(UsageError, match="pass the retry worker"):
         assert_no_task_lost(object())  # type: ignore[arg-type]
@@ -302,7 +317,7 @@ def test_a_failing_property_reports_the_shrunk_schedule_as_a_regression_test(
     pasted.stdout.fnmatch_lines(["*published at t=2 s never reached the broker*"])
 
 
-def test_a_property_that_holds_passes_and_notes_each_schedule(project: pytest.Pytester) -> None:
+def test_each_examples_schedule_is_noted_for_hypothesis(project: pytest.Pytester) -> None:
     project.makepyfile(
         # One outage of at most 10 s never outlasts the publish policy's 12 s (two can).
         PROPERTY.replace("horizon=30, max_faults=2", "horizon=30, max_outage=10, max_faults=1")
@@ -313,13 +328,35 @@ def test_a_property_that_holds_passes_and_notes_each_schedule(project: pytest.Py
 def test_my_own_assertion_fails(fault_explorer, schedule):
     with fault_explorer.example(schedule) as (worker, broker):
         assert len(schedule) == 0
+
+
+from proj import tasks
+from pytest_celery_retry import assert_side_effect
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(schedule=fault_schedules(kinds=["outage"], horizon=10, max_faults=1))
+def test_charged_exactly_once(fault_explorer, schedule):
+    with fault_explorer.example(schedule) as (worker, broker):
+        charges = worker.track(tasks.gateway, "charge")
+        worker.apply(tasks.charge_order, args=(7,))
+        worker.run_until_idle()
+        assert_side_effect(charges, times=1)
 """
     )
     result = project.runpytest("-p", "no:randomly", "--hypothesis-show-statistics")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=1, failed=2)
     # A plain assertion's report shows the schedule too, from hypothesis.note().
     result.stdout.fnmatch_lines(
         ["*fault schedule: broker down from t=0 s for 1 s", "*celery-retry seed 1234*"]
+    )
+    # So does the side-effect assertion's: exactly once, broken by a one-second outage.
+    result.stdout.fnmatch_lines(
+        [
+            "*expected *.charge to be called exactly 1 time(s), it was called 2 time(s)*",
+            "*fault schedule: broker down from t=1 s for 1 s",
+            "*    flaky_broker.outage(1, starting_in=1)",
+        ]
     )
     # hypothesis.event() counts the kinds of schedules tried.
     result.stdout.fnmatch_lines(["*schedule with Outage*", "*schedule with no faults*"])
