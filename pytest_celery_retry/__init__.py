@@ -16,17 +16,21 @@ pytest.register_assert_rewrite("pytest_celery_retry.assertions", "pytest_celery_
 
 from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_backoff,
+    assert_fits_broker_limits,
     assert_not_retried,
     assert_publish_retries,
     assert_retried,
     assert_side_effect,
 )
+from .canvas import CanvasRun  # noqa: E402
 from .clock import VirtualClock  # noqa: E402
 from .errors import (  # noqa: E402
+    BlocksForeverError,
     CeleryRetryError,
     ConfigurationError,
     EndlessRetryError,
     UsageError,
+    WorkerStoppedError,
 )
 from .faults import FaultSchedule, OperationFault, Outage, WorkerCrash  # noqa: E402
 from .invariants import (  # noqa: E402
@@ -79,9 +83,11 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ArgumentEncodeError",
     "Attempt",
+    "BlocksForeverError",
     "BrokerDownError",
     "BrokerOperation",
     "BrokerProxy",
+    "CanvasRun",
     "CeleryRetryError",
     "ConfigurationError",
     "ConnectionAttempt",
@@ -105,9 +111,11 @@ __all__ = [
     "UsageError",
     "VirtualClock",
     "WorkerCrash",
+    "WorkerStoppedError",
     "__version__",
     "assert_backoff",
     "assert_finishes_within",
+    "assert_fits_broker_limits",
     "assert_no_task_lost",
     "assert_not_retried",
     "assert_publish_retries",

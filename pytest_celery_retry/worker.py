@@ -10,6 +10,7 @@ nothing is due, it moves the virtual clock to the next of those moments instead 
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -32,10 +33,18 @@ from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
 from .broker import InMemoryBroker
+from .canvas import CanvasRun, stored_exception, task_names, unlock_hint
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
-from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
+from .errors import (
+    EndlessRetryError,
+    UsageError,
+    WorkerStoppedError,
+    is_finite_number,
+    is_number,
+    is_whole_number,
+)
 from .records import (
     Attempt,
     AttemptOutcome,
@@ -153,6 +162,7 @@ class RetryWorker:
         # Crashes to come, per task name.
         self._crashes: dict[str, list[_Crash]] = {}
         self._tracked: list[Tracked] = []
+        self._attempt_order = itertools.count(1)
 
     @property
     def clock(self) -> VirtualClock:
@@ -184,7 +194,9 @@ class RetryWorker:
         through the broker as it is, faults included. Options go to ``apply_async``. Other
         messages run as they become due meanwhile; what is left afterwards (what the task's
         last attempt sent, for instance) waits for ``run_until_idle()``. For a chain, the
-        run of its last task (without attempts if an earlier task failed).
+        run of its last task; for a chord, its callback's. A task that never ran because an
+        earlier member failed for good is a run without attempts holding the exception
+        Celery stored for it (see :meth:`canvas` for every member).
         """
         self._check_schedule(options)
         check_retry_policy(options.get("retry_policy"), "retry_policy")
@@ -207,11 +219,7 @@ class RetryWorker:
                     ) from exc
             self._work(installed, until=task_id, max_attempts=max_attempts, caller="apply")
         run = self.runs.get(task_id)
-        if run is None:
-            # A chain's last task never runs once an earlier one failed: a run without attempts.
-            last = getattr(signature, "tasks", None) or [signature]
-            run = TaskRun(task_id, last[-1].task, seed=self.settings.seed)
-        return run
+        return run if run is not None else self._never_ran(app, signature, task_id)
 
     def run_until_idle(
         self, app: Any = None, *, max_attempts: int | None = None
@@ -281,6 +289,20 @@ class RetryWorker:
                 f"{', '.join(self.runs) or 'none'}"
             ) from None
 
+    def canvas(self, result: Any) -> CanvasRun:
+        """The runs of the canvas (chain, group, chord) whose result ``result`` is.
+
+        ``result`` is what ``.delay()``/``apply_async()`` returned for it, an ``AsyncResult``
+        or a ``GroupResult``: its tree names the canvas's tasks. Read it after the worker ran
+        them (``run_until_idle()``).
+        """
+        if not isinstance(getattr(result, "id", None), str):
+            raise UsageError(
+                f"canvas({result!r}): pass the AsyncResult or GroupResult that .delay() or "
+                "apply_async() returned for the canvas"
+            )
+        return CanvasRun.from_result(result, self.runs, self.settings.seed)
+
     def run(self, task_id: str) -> TaskRun:
         """Deprecated: :meth:`task_run` (``run`` reads as running a task, as in run_until_idle)."""
         warnings.warn(
@@ -297,7 +319,7 @@ class RetryWorker:
             self._tracked.clear()
             undo.callback(self._disconnect_receivers)
             for consumer in self._consumers.values():
-                undo.callback(consumer.close)
+                undo.callback(_close_whatever_the_broker_does, consumer)
             self._consumers.clear()
 
     # -- the loop --------------------------------------------------------------------------
@@ -313,9 +335,16 @@ class RetryWorker:
                 raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
         consumer = self._consumer(installed)
         while True:
-            if until is not None and self._finished(until):
+            if until is not None and self._finished(until) and not consumer.holds(until):
                 return
-            consumer.fetch()
+            try:
+                consumer.fetch()
+            except WorkerStoppedError as stopped:
+                # A worker started again is a new consumer, as a restarted process is.
+                del self._consumers[id(installed.app)]
+                raise WorkerStoppedError(f"{stopped}\n\n{self._limit_timelines()}") from (
+                    stopped.__cause__
+                )
             request = consumer.next_request()
             if request is None:
                 if consumer.wait_for_work():
@@ -327,6 +356,10 @@ class RetryWorker:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
             self._execute(request, run, consumer)
+
+    def _limit_timelines(self) -> str:
+        """The timelines of the runs whose messages crossed a broker limit."""
+        return "\n\n".join(run.timeline() for run in self.runs.values() if run.limit_events)
 
     def _finished(self, task_id: str) -> bool:
         """A task is over once an attempt ended without scheduling another one."""
@@ -351,8 +384,20 @@ class RetryWorker:
             retries=int(headers.get("retries") or 0),
             started_at=self.clock.now(),
             t=self.clock.elapsed,
-            redelivered=bool((headers.get("delivery_info") or {}).get("redelivered")),
+            redelivered=bool((request.delivery_info or {}).get("redelivered")),
+            order=next(self._attempt_order),
         )
+        if attempt.redelivered:  # a copy that runs again was taken back and delivered again
+            attempt.duplicate_of = next(
+                (
+                    earlier.number
+                    for earlier in run.attempts
+                    if earlier.retries == attempt.retries
+                    and earlier.outcome != "worker-lost"
+                    and not earlier.requeued
+                ),
+                None,
+            )
         if run.attempts:
             _drop_tracebacks(run.attempts[-1])
         run.attempts.append(attempt)
@@ -400,6 +445,9 @@ class RetryWorker:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
+        if attempt.duplicate_of is not None:
+            note = f"duplicate: attempt {attempt.duplicate_of} ran this retry already"
+            attempt.note = f"{attempt.note}; {note}" if attempt.note else note
 
     def _take_crash(self, task_name: str) -> bool:
         """Whether this execution of ``task_name`` loses its process (crash_during)."""
@@ -489,14 +537,20 @@ class RetryWorker:
     def _run_for(self, request: Any) -> TaskRun:
         run = self.runs.get(request.id)
         if run is None:
-            run = self.runs[request.id] = TaskRun(request.id, request.name, seed=self.settings.seed)
+            run = self.runs[request.id] = TaskRun(
+                request.id,
+                request.name,
+                seed=self.settings.seed,
+                parent_id=request.parent_id,
+                link_error=task_names(request.errbacks),
+            )
         return run
 
     def _consumer(self, installed: AppInstallation) -> Consumer:
         consumer = self._consumers.get(id(installed.app))
         if consumer is None:
             consumer = self._consumers[id(installed.app)] = Consumer(
-                installed, self.events, self._on_settled
+                installed, self.events, self._on_settled, self._on_limit
             )
         return consumer
 
@@ -529,6 +583,12 @@ class RetryWorker:
             reports.requeued = True
         elif action.endswith(" failed"):
             reports.failed_settlement = action[: -len(" failed")]
+
+    def _on_limit(self, event: MessageEvent) -> None:
+        """The consumer's callback: the broker acted on a message held past its limit."""
+        run = self.runs.get(event.task_id)
+        if run is not None:
+            run.limit_events.append(event)
 
     def _on_postrun(
         self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
@@ -614,16 +674,34 @@ class RetryWorker:
                 del task.serializer
             task._exec_options = None
 
+    def _never_ran(self, app: Any, signature: Any, task_id: str) -> TaskRun:
+        """The run of a canvas's task that never ran: what the result backend holds for it.
+
+        Celery fails a chain's later tasks, or a chord's callback, in the result backend when
+        a member fails for good; anything else (a lost member, no backend) is refused.
+        """
+        name = _final_signature(signature).task
+        exc = stored_exception(app.AsyncResult(task_id))
+        if exc is None:
+            raise UsageError(
+                f"apply({signature!r}): no task ran under the id it returns ({name}[{task_id}]) "
+                "and the result backend holds no outcome for it. Publish the canvas with "
+                ".delay() instead, run it with retry_worker.run_until_idle(), and read "
+                "retry_worker.canvas(result) for every member's run"
+            )
+        return TaskRun(task_id, name, seed=self.settings.seed, stored_exception=exc)
+
     def _signature(
         self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
     ) -> Any:
         from celery.canvas import Signature, group
 
-        if isinstance(task, group):
+        if isinstance(task, Signature) and isinstance(_final_signature(task), group):
+            what = "a group" if isinstance(task, group) else "a canvas that ends with a group"
             raise UsageError(
-                "apply(group(...)): a group has no run of its own. Publish it with "
-                "group(...).delay() (request the flaky_broker fixture first) and run its tasks "
-                "with retry_worker.run_until_idle()"
+                f"apply({task!r}): {what} has no single run to return. Publish it with "
+                ".delay() (request the flaky_broker fixture first), run its tasks with "
+                "retry_worker.run_until_idle(), and read retry_worker.canvas(result)"
             )
         if isinstance(task, str):
             raise UsageError(
@@ -730,10 +808,24 @@ class RetryWorker:
         doing = "retrying" if last is not None and last.retry_published else "delivered again"
         return (
             f"{run.task_name}[{run.task_id}] was still {doing} after {len(run.attempts)} "
-            f"attempts: {why}. If more attempts are intended, raise the limit: "
+            f"attempts: {why}.{unlock_hint(run)}. If more attempts are intended, raise the limit: "
             "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
             f"option celery_retry_max_attempts.\n{tail}"
         )
+
+
+def _final_signature(signature: Any) -> Any:
+    """The part of a canvas whose result ``apply_async`` returns: a chain's last task, a
+    chord's callback (a group stays a group)."""
+    from celery.canvas import _chain, chord
+
+    while True:
+        if isinstance(signature, _chain) and signature.tasks:
+            signature = signature.tasks[-1]
+        elif isinstance(signature, chord):
+            signature = signature.body
+        else:
+            return signature
 
 
 @dataclass
@@ -765,6 +857,12 @@ class _Reports:
     # From the consumer: the message was requeued, or its ack (reject, requeue) failed.
     requeued: bool = False
     failed_settlement: str | None = None
+
+
+def _close_whatever_the_broker_does(consumer: Consumer) -> None:
+    # The worker stops whatever the broker does (a hang would make its close wait).
+    with consumer.broker.suspend_faults():
+        consumer.close()
 
 
 def _drop_tracebacks(attempt: Attempt) -> None:
