@@ -117,6 +117,25 @@ def test_several_outages_and_timed_faults_apply_on_the_virtual_clock() -> None:
         assert [op.ok for op in broker.publish_attempts] == [True, False, True]
 
 
+def test_scheduled_outages_keep_each_its_own_way_of_being_away(flaky_broker: Any) -> None:
+    flaky_broker.outage(2, starting_in=1, how="hang")
+    flaky_broker.outage(2, starting_in=5)
+    seen = []
+    for _ in range(8):
+        seen.append((flaky_broker.is_down, flaky_broker.next_outage_start))
+        flaky_broker.clock.advance(1)
+    assert seen == [
+        (False, 1),
+        (True, 5),  # hanging
+        (True, 5),
+        (False, 5),
+        (False, 5),
+        (True, None),  # refusing
+        (True, None),
+        (False, None),
+    ]
+
+
 def test_a_timed_crash_spares_the_runs_before_it() -> None:
     explorer = FaultExplorer(Settings())
     app = make_app()
