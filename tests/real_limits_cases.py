@@ -320,13 +320,6 @@ def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptur
 POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
-def blackhole(proxy: BrokerProxy) -> None:
-    proxy.blackhole()
-    # The proxy's forwarding threads look at the mode every 50 ms: bytes sent before they do
-    # still pass.
-    time.sleep(0.2)
-
-
 def timed_publish(app: Any, queue: str, **options: Any) -> tuple[float, BaseException | None]:
     started = time.monotonic()
     try:
@@ -371,11 +364,11 @@ def test_redis_publish_into_a_hang_fails_at_socket_timeout(
     hang_config(app, socket_timeout=1, socket_connect_timeout=1)
     queue = new_name()
     try:
-        blackhole(proxy)
+        proxy.blackhole()
         fresh = timed_publish(app, queue, retry=False)
         proxy.restore()
         app.send_task("foo.task", queue=queue)  # a pooled connection that now hangs
-        blackhole(proxy)
+        proxy.blackhole()
         attempts_before = len(proxy.connection_attempts)
         established = timed_publish(app, queue, retry=True)
         reconnects = len(proxy.connection_attempts) - attempts_before
@@ -402,7 +395,7 @@ def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory,
     hang_config(app, socket_connect_timeout=1)
     queue = new_name()
     try:
-        blackhole(proxy)
+        proxy.blackhole()
         blocked, after_restore = still_blocked(app, queue, proxy, retry=False)
     finally:
         proxy.restore()
@@ -417,17 +410,17 @@ def test_amqp_publish_into_a_hang(broker_proxy: ProxyFactory, app: Any) -> None:
     hang_config(app, confirm_publish=True)
     queue = new_name()
     try:
-        blackhole(proxy)
+        proxy.blackhole()
         attempts_before = len(proxy.connection_attempts)
         fresh = timed_publish(app, queue, retry=True)
         fresh_connects = len(proxy.connection_attempts) - attempts_before
         proxy.restore()
         app.send_task("foo.task", queue=queue)
-        blackhole(proxy)
+        proxy.blackhole()
         established = timed_publish(app, queue, retry=True, confirm_timeout=1)
         proxy.restore()
         app.send_task("foo.task", queue=queue)  # the failed retries left no connection
-        blackhole(proxy)
+        proxy.blackhole()
         blocked, after_restore = still_blocked(app, queue, proxy, retry=False, confirm_timeout=1)
     finally:
         proxy.restore()
@@ -466,7 +459,7 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
     try:
         with start_worker(app, queue):
             started = time.monotonic()
-            blackhole(proxy)
+            proxy.blackhole()
             assert wait_until(lambda: "Too many heartbeats missed" in caplog.text, 8), caplog.text
             proxy.restore()
             restored = time.monotonic()
