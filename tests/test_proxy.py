@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -45,6 +46,9 @@ class EchoServer:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         for client in self._clients:
+            # shutdown() sends the FIN at once: close() alone waits for the thread in recv().
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
             client.close()
 
 
