@@ -69,7 +69,8 @@ def test_retry_worker_refuses_the_app_before_running_anything(pytester: pytest.P
 
         app = Celery("shop", broker="amqp://", set_as_current=False)
         quorum = {"x-queue-type": "quorum"}
-        app.conf.task_queues = [Queue("jobs", Exchange("jobs", type="topic"), queue_arguments=quorum)]
+        topic = Exchange("jobs", type="topic")
+        app.conf.task_queues = [Queue("jobs", topic, queue_arguments=quorum)]
         app.conf.task_default_queue = "jobs"
 
 
