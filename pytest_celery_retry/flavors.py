@@ -282,7 +282,8 @@ def refuse_native_delayed_delivery(app: Any, flavor: Flavor) -> None:
         from celery.utils.quorum_queues import detect_quorum_queues
     except ImportError:
         return  # Celery < 5.5: the worker holds every countdown, as simulated
-    quorum, queue = detect_quorum_queues(app, flavor.real_transport().driver_type)
+    transport: Any = flavor.real_transport()
+    quorum, queue = detect_quorum_queues(app, transport.driver_type)
     if not quorum:
         return
     delayed = sorted(name for name, q in app.amqp.queues.items() if q.exchange.type != "direct")
