@@ -581,3 +581,73 @@ def test_native_delayed_delivery_cannot_run_on_kombus_memory_transport() -> None
         assert detect_quorum_queues(app, "amqp") == (True, "q")
         with pytest.raises(NotImplementedError, match="exchange_bind"):
             declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
+
+
+def ready_in(queue: str) -> int:
+    """Messages ready in ``queue``, counted on the real RabbitMQ (not through the proxy)."""
+    from kombu import Connection
+
+    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
+        return int(conn.channel().queue_declare(queue, passive=True).message_count)
+
+
+@real_broker
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"], ids=["quorum", "classic"])
+def test_countdown_retry_through_a_cut(
+    broker_proxy: ProxyFactory, app: Any, queue_type: str
+) -> None:
+    # The worker loses RabbitMQ (the proxy cuts it) while a retry with countdown 3 waits.
+    from kombu import Exchange, Queue
+
+    proxy = broker_proxy("amqp")
+    queue = new_name()
+    exchange_type = "topic" if queue_type == "quorum" else "direct"
+    app.conf.update(
+        task_queues=[
+            Queue(
+                queue,
+                Exchange(queue, type=exchange_type),
+                routing_key=queue,
+                queue_arguments={"x-queue-type": queue_type},
+            )
+        ],
+        task_default_queue=queue,
+        task_default_exchange=queue,
+        task_default_exchange_type=exchange_type,
+        task_default_routing_key=queue,
+        broker_heartbeat=2,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    shared = delayed_delivery_exists()  # someone else's: leave it
+    try:
+        with recording(app, countdown=3) as recorder, start_worker(app, queue):
+            recorder.started = time.monotonic()
+            app.tasks["waits"].apply_async()
+            assert wait_until(lambda: len(recorder.runs) == 1, 5), recorder.received
+            time.sleep(0.5)  # the retry is published
+            cut_at = time.monotonic() - recorder.started
+            proxy.outage(1.5)
+            time.sleep(0.5)
+            ready_during_cut = ready_in(queue)
+            assert wait_until(lambda: len(recorder.runs) == 2, 10), proxy.timeline()
+    finally:
+        forget("amqp", queue)
+        if not shared:
+            delete_delayed_delivery()
+    retry_run = recorder.runs[1]
+    held = recorder.retries(recorder.received)
+    assert retry_run.t == pytest.approx(3, abs=0.5), recorder.runs
+    if queue_type == "quorum":
+        # RabbitMQ holds the retry in the celery_delayed_* queues, whatever the worker's
+        # connection does; it reaches the queue at its countdown and runs once, first delivery.
+        assert ready_during_cut == 0
+        assert [(copy.exchange[:15], copy.redelivered) for copy in held] == [
+            ("celery_delayed_", False)
+        ], recorder.received
+    else:
+        # The worker held the retry unacknowledged; the cut gave it back to the queue, and
+        # the reconnected worker receives it again (redelivered) and holds it to its ETA.
+        assert ready_during_cut == 1
+        assert [copy.redelivered for copy in held] == [False, True], recorder.received
+        assert held[0].t < cut_at < held[1].t
