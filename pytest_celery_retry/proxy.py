@@ -298,7 +298,7 @@ class BrokerProxy:
         connections: Reach = "all",
     ) -> None:
         """Hold every chunk of forwarded data ``ms`` milliseconds."""
-        self._apply("latency", toxics.latency(ms, stream, toxicity), connections)
+        self._apply("latency", toxics.delay("latency", ms, stream, toxicity), connections)
 
     def bandwidth(
         self,
@@ -322,7 +322,7 @@ class BrokerProxy:
         """Hold a close back ``ms`` milliseconds: when the broker (``downstream``) or the
         client (``upstream``) closes, or ``limit_data`` cuts, the other end learns it late.
         Data still passes meanwhile. ``cut``, ``reset_peers`` and ``close`` are not delayed."""
-        self._apply("slow_close", toxics.slow_close(ms, stream, toxicity), connections)
+        self._apply("slow_close", toxics.delay("slow_close", ms, stream, toxicity), connections)
 
     def limit_data(
         self,

@@ -57,9 +57,16 @@ class Toxic:
         return pieces
 
 
-def latency(ms: object, stream: object, toxicity: object) -> Toxic | None:
-    _require(is_finite_number(ms) and cast(float, ms) >= 0, f"latency(ms={ms!r})", _MS)
-    return _toxic("latency", cast(float, ms) / 1000, f"latency {ms:g} ms", stream, toxicity)
+def delay(
+    kind: Literal["latency", "slow_close"], ms: object, stream: object, toxicity: object
+) -> Toxic | None:
+    """A toxic that holds data (latency) or a close (slow_close) back ``ms`` milliseconds."""
+    _require(
+        is_finite_number(ms) and cast(float, ms) >= 0,
+        f"{kind}(ms={ms!r})",
+        "a number of milliseconds >= 0 (0 ends it)",
+    )
+    return _toxic(kind, cast(float, ms) / 1000, f"{kind} {ms:g} ms", stream, toxicity)
 
 
 def bandwidth(rate: object, stream: object, toxicity: object) -> Toxic | None:
@@ -72,11 +79,6 @@ def bandwidth(rate: object, stream: object, toxicity: object) -> Toxic | None:
     return _toxic(
         "bandwidth", cast(float, rate) * 1000, f"bandwidth {rate:g} KB/s", stream, toxicity
     )
-
-
-def slow_close(ms: object, stream: object, toxicity: object) -> Toxic | None:
-    _require(is_finite_number(ms) and cast(float, ms) >= 0, f"slow_close(ms={ms!r})", _MS)
-    return _toxic("slow_close", cast(float, ms) / 1000, f"slow_close {ms:g} ms", stream, toxicity)
 
 
 def limit_data(nbytes: object, stream: object, toxicity: object) -> Toxic | None:
@@ -130,9 +132,6 @@ def describe(toxic: Toxic, connections: Reach) -> str:
     chance = f", toxicity {toxic.toxicity:g}" if toxic.toxicity < 1 else ""
     scope = ", open connections only" if connections == "open" else ""
     return f"{toxic.label}{where}{chance}{scope}"
-
-
-_MS = "a number of milliseconds >= 0 (0 ends it)"
 
 
 def _require(ok: bool, call: str, expected: str) -> None:
