@@ -8,8 +8,10 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from kombu.exceptions import OperationalError
 from test_proxy import EchoServer, connect, echo, proxy, roundtrip
 
 from pytest_celery_retry import UsageError
@@ -209,3 +211,29 @@ def test_toxicity_on_open_connections_is_in_the_timeline(proxy: BrokerProxy) -> 
     [event] = [e.what for e in proxy.events if e.what.startswith("latency")]
     assert event.startswith("latency 1 ms, toxicity 0.5 (open connections: on [")
     assert "spared [" in event
+
+
+# -- the in-memory prediction of a publish cut mid-frame (tests/test_toxics_real.py) ---------
+@pytest.mark.parametrize("retry", [True, False], ids=["retry", "no-retry"])
+@pytest.mark.parametrize("celery_retry_flavor", ["pyamqp", "redis"], indirect=True)
+def test_flaky_broker_predicts_a_publish_cut_mid_frame(
+    app: Any, flaky_broker: Any, celery_retry_flavor: str, retry: bool
+) -> None:
+    # limit_data cuts the pooled connection in the middle of the publish: to kombu, the publish
+    # failed with a connection error. The real brokers: republished and arrived once with the
+    # retry policy, lost with OperationalError without.
+    app.send_task("foo.task")  # the pooled connection
+    flaky_broker.fail_next(1, on="publish")
+    policy = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+    error = None
+    try:
+        app.send_task("foo.task", args=["x" * 100], retry=retry, retry_policy=policy)
+    except OperationalError as exc:
+        error = exc
+    arrived = [m.args for m in flaky_broker.messages() if m.task_name == "foo.task"]
+    if retry:  # kombu reconnects and publishes again: the message arrives once
+        assert (error, arrived) == (None, [[], ["x" * 100]]), flaky_broker.timeline()
+        assert flaky_broker.last_publish.attempts == 2
+    else:
+        assert isinstance(error, OperationalError)
+        assert arrived == [[]], flaky_broker.timeline()
