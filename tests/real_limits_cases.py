@@ -238,6 +238,18 @@ def forget(kind: str, queue: str, *redis_keys: str) -> int:
     return depth
 
 
+def consumers_of(queue: str) -> int:
+    """How many consumers RabbitMQ has on ``queue`` (0 before it exists)."""
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
+        try:
+            return int(conn.channel().queue_declare(queue, passive=True).consumer_count)
+        except NotFound:
+            return 0
+
+
 def log_times(caplog: pytest.LogCaptureFixture, started: float, text: str) -> list[float]:
     """When (test time) the worker logged ``text``."""
     wall_start = time.time() - (time.monotonic() - started)
@@ -462,6 +474,11 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
 
     try:
         with start_worker(app, queue):
+            # A hang during the worker's start-up blocks it in a wait for the broker's reply,
+            # before the event loop that checks heartbeats runs (it never noticed in 8 s):
+            # the hang starts once RabbitMQ has the worker's consumer, and its loop runs.
+            assert wait_until(lambda: consumers_of(queue) > 0, 10), proxy.timeline()
+            time.sleep(0.5)
             started = time.monotonic()
             proxy.blackhole()
             assert wait_until(lambda: "Too many heartbeats missed" in caplog.text, 8), caplog.text
