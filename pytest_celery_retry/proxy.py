@@ -321,7 +321,8 @@ class BrokerProxy:
     ) -> None:
         """Hold a close back ``ms`` milliseconds: when the broker (``downstream``) or the
         client (``upstream``) closes, or ``limit_data`` cuts, the other end learns it late.
-        Data still passes meanwhile. ``cut``, ``reset_peers`` and ``close`` are not delayed."""
+        The other direction still forwards meanwhile. ``cut``, ``reset_peers`` and ``close``
+        are not delayed."""
         self._apply("slow_close", toxics.delay("slow_close", ms, stream, toxicity), connections)
 
     def limit_data(
