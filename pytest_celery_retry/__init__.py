@@ -16,16 +16,20 @@ pytest.register_assert_rewrite("pytest_celery_retry.assertions")
 
 from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_backoff,
+    assert_fits_broker_limits,
     assert_not_retried,
     assert_publish_retries,
     assert_retried,
 )
+from .canvas import CanvasRun  # noqa: E402
 from .clock import VirtualClock  # noqa: E402
 from .errors import (  # noqa: E402
+    BlocksForeverError,
     CeleryRetryError,
     ConfigurationError,
     EndlessRetryError,
     UsageError,
+    WorkerStoppedError,
 )
 from .records import (  # noqa: E402
     Attempt,
@@ -67,9 +71,11 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ArgumentEncodeError",
     "Attempt",
+    "BlocksForeverError",
     "BrokerDownError",
     "BrokerOperation",
     "BrokerProxy",
+    "CanvasRun",
     "CeleryRetryError",
     "ConfigurationError",
     "ConnectionAttempt",
@@ -85,8 +91,10 @@ __all__ = [
     "UnackedMessage",
     "UsageError",
     "VirtualClock",
+    "WorkerStoppedError",
     "__version__",
     "assert_backoff",
+    "assert_fits_broker_limits",
     "assert_not_retried",
     "assert_publish_retries",
     "assert_retried",

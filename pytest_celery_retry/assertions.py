@@ -10,11 +10,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from .errors import UsageError, is_finite_number, is_whole_number
+from .flavors import HeldLimit, flavor_for_url
 from .records import PublishRecord, TaskRun
 
 __all__ = [
     "PublishRecorder",
     "assert_backoff",
+    "assert_fits_broker_limits",
     "assert_not_retried",
     "assert_publish_retries",
     "assert_retried",
@@ -197,6 +199,97 @@ def assert_publish_retries(
             f"publish of {record.task_name or 'a message'}: " + "; ".join(problems),
             broker.timeline(),
         )
+
+
+def assert_fits_broker_limits(schedule: Any, broker: Any) -> None:
+    """Every retry of ``schedule`` waits within what the broker lets a worker hold.
+
+    ``schedule``: a ``TaskRun`` (its recorded countdowns), a list of countdowns, or a task
+    (the schedule it declares: ``autoretry_for`` with ``retry_backoff``, else
+    ``default_retry_delay``, for ``max_retries`` retries; with ``retry_jitter``, the
+    longest countdown each retry may draw). ``broker``: the in-memory broker
+    (``flaky_broker``: its flavour, its ``consumer_timeout``, its app's transport options),
+    or a Celery app (its ``broker_url``'s flavour, its transport options, and RabbitMQ's
+    default ``consumer_timeout``). Fails naming each retry that waits too long, the limit,
+    and what production does to it.
+    """
+    __tracebackhide__ = True
+    retries, timeline = _schedule_of(schedule)
+    limit, app, name = _held_limit_of(broker)
+    if limit is None:
+        return
+    problems = [
+        f"  {label}, countdown {countdown:g} s: {verdict}"
+        for label, countdown in retries
+        for verdict in [limit.verdict(countdown, app)]
+        if verdict is not None
+    ]
+    if problems:
+        _fail(
+            f"the retry schedule does not fit the broker's {limit.setting}={limit.seconds:g} s "
+            f"({name} flavour):\n" + "\n".join(problems) + f"\nTo fix: {limit.advice()}.",
+            timeline,
+        )
+
+
+def _schedule_of(schedule: Any) -> tuple[list[tuple[str, float]], str]:
+    """Each retry's label and countdown, and the timeline a failure shows."""
+    if isinstance(schedule, TaskRun):
+        retried = [a for a in schedule.attempts if a.retry_published and a.countdown is not None]
+        labels = [
+            (f"retry {i} (asked by attempt {a.number})", a.countdown or 0.0)
+            for i, a in enumerate(retried, 1)
+        ]
+        return labels, schedule.timeline()
+    if hasattr(schedule, "max_retries") and hasattr(schedule, "name"):
+        countdowns, how = _declared_countdowns(schedule)
+        timeline = f"declared schedule of {schedule.name} ({how}): {_fmt(countdowns)}"
+        return [(f"retry {i}", c) for i, c in enumerate(countdowns, 1)], timeline
+    countdowns = _seconds(
+        "assert_fits_broker_limits", "schedule", schedule, "[60, 600, 3600] (or a TaskRun, a task)"
+    )
+    return [
+        (f"retry {i}", c) for i, c in enumerate(countdowns, 1)
+    ], f"countdowns {_fmt(countdowns)}"
+
+
+def _declared_countdowns(task: Any) -> tuple[list[float], str]:
+    """The countdowns a task's own options give its retries, as Celery's autoretry computes."""
+    options = dict(getattr(task, "retry_kwargs", None) or {})
+    max_retries = options.get("max_retries", task.max_retries)
+    if max_retries is None:
+        raise UsageError(
+            f"assert_fits_broker_limits({task.name}): max_retries=None retries for ever, so "
+            "the task declares no finite schedule: pass its countdowns, e.g. [60, 600, 3600], "
+            "or a TaskRun"
+        )
+    backoff = float(getattr(task, "retry_backoff", False) or 0)
+    if backoff and getattr(task, "autoretry_for", None):
+        from celery.utils.time import get_exponential_backoff_interval
+
+        cap = int(getattr(task, "retry_backoff_max", 600))
+        countdowns = [
+            float(get_exponential_backoff_interval(int(max(1.0, backoff)), n, cap, False))
+            for n in range(max_retries)
+        ]
+        jitter = " at most, with retry_jitter" if getattr(task, "retry_jitter", True) else ""
+        return countdowns, f"retry_backoff={backoff:g}, retry_backoff_max={cap}{jitter}"
+    delay = float(options.get("countdown", task.default_retry_delay))
+    return [delay] * max_retries, f"default_retry_delay={delay:g}, max_retries={max_retries}"
+
+
+def _held_limit_of(broker: Any) -> tuple[HeldLimit | None, Any, str]:
+    """The broker's limit on a held message, the app whose settings apply, and its name."""
+    rules = getattr(broker, "rules", None)
+    if rules is not None and hasattr(broker, "publishes"):  # the in-memory broker
+        return rules.held_limit(broker.app, broker), broker.app, rules.name
+    if hasattr(broker, "conf"):  # a Celery app
+        flavor = flavor_for_url(broker.conf.broker_url)
+        return flavor.held_limit(broker, None), broker, flavor.name
+    raise TypeError(
+        "assert_fits_broker_limits(schedule, broker): pass flaky_broker (its flavour and "
+        f"settings) or a Celery app (its broker_url), got {type(broker).__name__}"
+    )
 
 
 def _fmt(values: Sequence[float]) -> str:

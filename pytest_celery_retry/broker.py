@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import base64
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from queue import Queue
-from typing import Any
+from typing import Any, Literal
 
 from kombu import serialization
 from kombu.exceptions import OperationalError
@@ -32,6 +33,7 @@ from kombu.transport import virtual
 from . import flavors, transport
 from .clock import VirtualClock
 from .errors import (
+    BlocksForeverError,
     CeleryRetryError,
     UsageError,
     is_finite_number,
@@ -43,6 +45,7 @@ from .records import (
     DeliveredMessage,
     OperationKind,
     PublishRecord,
+    RecordedKind,
     Redelivery,
     UnackedMessage,
     describe_exception,
@@ -51,9 +54,17 @@ from .records import (
     parse_eta,
 )
 
-__all__ = ["OPERATIONS", "BrokerDownError", "InMemoryBroker", "PublishAnnouncements"]
+__all__ = ["OPERATIONS", "BrokerDownError", "InMemoryBroker", "OutageMode", "PublishAnnouncements"]
 
 OPERATIONS: tuple[OperationKind, ...] = ("connect", "publish", "consume", "ack")
+# How a broker that is away fails: it refuses (a stopped broker, a closed port), or it hangs
+# (accepts connections and never answers, as the fault proxy's blackhole()).
+OutageMode = Literal["refuse", "hang"]
+_OUTAGE_MODES: tuple[OutageMode, ...] = ("refuse", "hang")
+# A client's timeout fires a moment after the timeout itself: it sent its request first. So
+# kombu's deadline check (``time() > end``) finds a deadline equal to a timeout passed, as it
+# always does in production (measured: 1.003 to 1.006 s for a 1 s timeout).
+_REQUEST_SENT = 0.001
 
 ExceptionFactory = Callable[[OperationKind], BaseException]
 
@@ -90,6 +101,17 @@ class _Fault:
         return True
 
 
+@dataclass
+class _Stalled:
+    """A publish a hung broker left in the socket's buffer: delivered when the hang ends,
+    unless a cut drops the connection first."""
+
+    moment: tuple[float, int]
+    queue: str
+    message: dict[str, Any]
+    record: PublishRecord | None
+
+
 class InMemoryBroker:
     """An in-memory broker that can refuse connections, drop publishes and go down.
 
@@ -122,14 +144,25 @@ class InMemoryBroker:
         self._deliveries: list[tuple[str, float, dict[str, Any]]] = []
         # Each unacknowledged message the broker took back.
         self.redeliveries: list[Redelivery] = []
-        # redis flavour: each message a lost connection had not acknowledged while Redis was
-        # down, waiting for a visibility sweep.
-        self.unacked: list[UnackedMessage] = []
+        # Each message delivered and not yet acknowledged, by delivery tag (a copy the broker
+        # restored and delivered again has its tag): held by a consumer, or, on Redis, left in
+        # its ``unacked`` hash by a connection lost while Redis was down.
+        self._unacked: dict[Any, UnackedMessage] = {}
+        # RabbitMQ closes a channel that holds a delivery longer than this (seconds, None:
+        # never), checking on each channel tick.
+        self._consumer_timeout: float | None = flavors.CONSUMER_TIMEOUT
+        self._channel_tick_interval = flavors.CHANNEL_TICK_INTERVAL
+        # The app the broker is installed on (its transport options), once installed.
+        self.app: Any = None
         self._faults: list[_Fault] = []
         self._down = False
+        self._down_how: OutageMode = "refuse"
         self._down_since = 0.0  # when down() began, for BrokerDownError
         self._down_from = 0.0
         self._down_until: float | None = None
+        self._outage_how: OutageMode = "refuse"
+        # Publishes a hung RabbitMQ left in the socket's buffer.
+        self._stalled: list[_Stalled] = []
         # When each down() or outage() began (or begins): it cuts the connections open then.
         # Moments are (virtual time, event number): things at one virtual instant stay ordered.
         self._outage_starts: list[tuple[float, int]] = []
@@ -179,21 +212,34 @@ class InMemoryBroker:
         rng = random.Random(self.seed if seed is None else seed)
         self._faults.append(_Fault(_kinds(on), None, 0, _error_factory(exc), rate, rng))
 
-    def down(self) -> None:
-        """Refuse every operation until :meth:`up`; open connections are cut."""
+    def down(self, how: OutageMode = "refuse") -> None:
+        """Be away until :meth:`up`: refuse every operation and cut the open connections, or
+        with ``how="hang"`` answer nothing (see :meth:`hang`)."""
+        _check_how(how, "down")
+        self._deliver_stalled()
         if not self._down:
             self._down_since = self.clock.elapsed
         self._down = True
-        self._outage_starts.append(self._moment())
+        self._down_how = how
+        if how == "refuse":
+            self._outage_starts.append(self._moment())
+
+    def hang(self) -> None:
+        """Accept connections and never answer until :meth:`up`, as a broker behind the fault
+        proxy's ``blackhole()``: each operation waits, in virtual time, for the timeout the
+        real client would wait, and fails as it would (``BlocksForeverError`` without one)."""
+        self.down(how="hang")
 
     def up(self) -> None:
-        """End :meth:`down`, an outage, and every pending fault."""
+        """End :meth:`down`, :meth:`hang`, an outage, and every pending fault."""
+        self._deliver_stalled(ended=True)
         self._down = False
         self._down_until = None
         self._faults.clear()
 
-    def outage(self, seconds: float, starting_in: float = 0) -> None:
-        """Be down for ``seconds`` of virtual time, from now or ``starting_in`` seconds from now."""
+    def outage(self, seconds: float, starting_in: float = 0, how: OutageMode = "refuse") -> None:
+        """Be down for ``seconds`` of virtual time, from now or ``starting_in`` seconds from now
+        (``how="hang"``: hang for that long)."""
         if not is_finite_number(seconds) or seconds <= 0:
             raise UsageError(
                 f"outage(seconds={seconds!r}): an outage lasts a positive, finite number of "
@@ -203,18 +249,85 @@ class InMemoryBroker:
             raise UsageError(
                 f"outage(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
             )
+        _check_how(how, "outage")
+        self._deliver_stalled()
         self._down_from = self.clock.elapsed + starting_in
         self._down_until = self._down_from + seconds
-        self._outage_starts.append((self._down_from, next(self._events)))
+        self._outage_how = how
+        if how == "refuse":
+            self._outage_starts.append((self._down_from, next(self._events)))
 
     @property
     def is_down(self) -> bool:
+        """Whether the broker is away now: refusing or hanging."""
+        return self._away() is not None
+
+    def _away(self) -> OutageMode | None:
         if self._down:
-            return True
-        return (
+            return self._down_how
+        in_outage = (
             self._down_until is not None
             and self._down_from <= self.clock.elapsed < self._down_until
         )
+        return self._outage_how if in_outage else None
+
+    def _hangs_until(self) -> float | None:
+        """When the current hang ends (``inf``: at :meth:`up`); None when there is none."""
+        if self._suspended or self._away() != "hang":
+            return None
+        if self._down or self._down_until is None:
+            return math.inf
+        return self._down_until
+
+    # -- limits on held messages ------------------------------------------------------------
+    @property
+    def consumer_timeout(self) -> float | None:
+        """RabbitMQ's ``consumer_timeout`` in seconds (30 min by default; None: no limit)."""
+        return self._consumer_timeout
+
+    @consumer_timeout.setter
+    def consumer_timeout(self, seconds: float | None) -> None:
+        self._check_rabbitmq_setting("consumer_timeout", seconds, "1800 (RabbitMQ's 30 min)")
+        if seconds is not None and (not is_finite_number(seconds) or seconds <= 0):
+            raise UsageError(
+                f"consumer_timeout={seconds!r}: RabbitMQ's consumer_timeout is a positive number "
+                "of seconds (1800 by default), or None for a broker without the limit"
+            )
+        self._consumer_timeout = None if seconds is None else float(seconds)
+
+    @property
+    def channel_tick_interval(self) -> float:
+        """How often RabbitMQ checks ``consumer_timeout`` (seconds; 60 by default)."""
+        return self._channel_tick_interval
+
+    @channel_tick_interval.setter
+    def channel_tick_interval(self, seconds: float) -> None:
+        self._check_rabbitmq_setting("channel_tick_interval", seconds, "60")
+        if not is_finite_number(seconds) or seconds <= 0:
+            raise UsageError(
+                f"channel_tick_interval={seconds!r}: RabbitMQ's channel tick is a positive "
+                "number of seconds (60 by default)"
+            )
+        self._channel_tick_interval = float(seconds)
+
+    def _check_rabbitmq_setting(self, name: str, value: object, example: str) -> None:
+        if name not in self.rules.broker_settings:
+            raise UsageError(
+                f"{name}={value!r} is a RabbitMQ setting, and this broker is of the "
+                f"{self.flavor} flavour, which has no {name} (Redis's limit on a held message is "
+                "the app's broker_transport_options['visibility_timeout']). Choose "
+                f"celery_retry_flavor='pyamqp' for RabbitMQ, e.g. with {name}={example}"
+            )
+
+    @property
+    def unacked(self) -> list[UnackedMessage]:
+        """Every message delivered and not yet acknowledged, oldest delivery first.
+
+        Those a worker holds (waiting for their ETA, or running), and on Redis those a
+        connection lost while Redis was down left in its ``unacked`` hash until a visibility
+        sweep.
+        """
+        return sorted(self._unacked.values(), key=lambda entry: entry.delivered_at)
 
     def suspend_faults(self) -> _Suspended:
         """Context manager: operations inside succeed and are not counted against faults."""
@@ -244,6 +357,7 @@ class InMemoryBroker:
 
         ``since`` skips the first deliveries (see :attr:`delivery_count`).
         """
+        self._deliver_stalled()
         return [
             _decode(q, t, payload, self.clock)
             for q, t, payload in self._deliveries[since:]
@@ -253,10 +367,12 @@ class InMemoryBroker:
     @property
     def delivery_count(self) -> int:
         """How many messages the broker has accepted so far, on all queues."""
+        self._deliver_stalled()
         return len(self._deliveries)
 
     def pending(self, queue: str = "celery") -> int:
         """Messages waiting in ``queue`` (delivered, not yet consumed)."""
+        self._deliver_stalled()
         q = self.queues.get(queue)
         return q.qsize() if q is not None else 0
 
@@ -266,7 +382,7 @@ class InMemoryBroker:
                 f"{op.t:.3f}s",
                 op.kind,
                 op.role,
-                "ok" if op.ok else "FAILED",
+                op.result,
                 op.task_name or op.queue or "-",
                 describe_exception(op.error) if op.error else "",
             ]
@@ -283,38 +399,151 @@ class InMemoryBroker:
 
     # -- the transport's hooks (transport.Broker) ------------------------------------------
     def on_connect(self, client: transport.Client) -> None:
-        self._operate("connect", client)
+        hung = self._wait_if_hung("connect", client)
+        self._operate("connect", client, hung=hung)
         client.opened_at = self._moment()
 
-    def on_publish(self, client: transport.Client, queue: str, message: dict[str, Any]) -> None:
-        self._operate("publish", client, queue=queue)
+    def on_publish(
+        self,
+        client: transport.Client,
+        queue: str,
+        message: dict[str, Any],
+        confirm_timeout: float | None = None,
+    ) -> bool:
+        stalls = self._publish_stalls(client, confirm_timeout)
+        hung = None if stalls else self._wait_if_hung("publish", client, queue, confirm_timeout)
+        self._operate("publish", client, queue=queue, hung=hung)
+        if stalls:
+            record = self.publishes[-1] if self.publishes else None
+            self._stalled.append(_Stalled(self._moment(), queue, message, record))
+            self._announced.delivered()  # the publish returned: the next one is another
+            return False
         self._record_delivery(queue, message)
+        return True
 
     def on_consume(self, client: transport.Client, queue: str) -> None:
         # Polling an empty queue is not worth a record; a failure is.
+        self._refuse_the_workers_side_of_a_hang("consume")
         self._fail_if_faulty("consume", client, queue)
 
     def on_settle(self, client: transport.Client) -> None:
         # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
+        self._refuse_the_workers_side_of_a_hang("ack")
         self._fail_if_faulty("ack", client, None)
 
-    def on_restore(self, message: Any, delivered_at: float | None) -> bool:
+    def on_deliver(self, message: Any) -> None:
+        self._unacked[message.delivery_tag] = UnackedMessage(self.clock.elapsed, message)
+
+    def on_acked(self, delivery_tag: Any) -> None:
+        self._unacked.pop(delivery_tag, None)
+
+    def on_close(self, client: transport.Client) -> None:
+        # Closing a channel is recorded only when the client waits for a hung broker's answer.
+        hung = self._wait_if_hung("close", client)
+        if hung is not None:
+            self._record("close", client.role, None, None, hung=hung)
+
+    def on_restore(self, message: Any) -> bool:
         if self.rules.parks_unacked_while_down and self.is_down:
             # The message stays in the ``unacked`` hash until a visibility sweep finds it.
-            self.unacked.append(
-                UnackedMessage(
-                    self.clock.elapsed if delivered_at is None else delivered_at, message
-                )
+            self._unacked.setdefault(
+                message.delivery_tag, UnackedMessage(self.clock.elapsed, message)
             )
             return False
+        self._unacked.pop(message.delivery_tag, None)
         self._record_redelivery(message)
         return True
 
+    # -- a broker that hangs -----------------------------------------------------------------
+    def _wait_if_hung(
+        self,
+        kind: RecordedKind,
+        client: transport.Client,
+        queue: str | None = None,
+        confirm_timeout: float | None = None,
+    ) -> float | None:
+        """Wait, in virtual time, as the real client waits for a hung broker's answer.
+
+        Returns how long it waited when the hang ended first (the broker answers then), None
+        when there is no hang or the request needs no answer. Raises what the client raises
+        when its timeout passes first, and ``BlocksForeverError`` when no timeout ever would.
+        """
+        self._deliver_stalled()
+        until = self._hangs_until()
+        if until is None or client.blocked_forever:
+            # The client that blocked for ever never got to close what the error unwinds.
+            return None
+        wait = self.rules.hung_wait(kind, client.settings(confirm_timeout))
+        if wait is None:
+            return None
+        now = self.clock.elapsed
+        if wait.timeout is None or now + wait.timeout + _REQUEST_SENT >= until:
+            if until == math.inf:
+                forever = BlocksForeverError(self._blocks_forever(kind, wait.unbounded))
+                self._record(kind, client.role, forever, queue)
+                client.blocked_forever = True
+                raise forever
+            self.clock.sleep(until - now)
+            return until - now
+        waited = wait.timeout + _REQUEST_SENT
+        self.clock.sleep(waited)
+        error = wait.error()
+        self._record(kind, client.role, error, queue, hung=waited)
+        if kind == "connect" and client.role == "consumer" and self._down:
+            raise BrokerDownError(self._down_for_good()) from error
+        raise error
+
+    def _publish_stalls(self, client: transport.Client, confirm_timeout: float | None) -> bool:
+        """Whether a publish returns at once into a hung broker's socket buffer (py-amqp
+        without publisher confirms)."""
+        if self._hangs_until() is None:
+            return False
+        return self.rules.hung_wait("publish", client.settings(confirm_timeout)) is None
+
+    def _deliver_stalled(self, ended: bool = False) -> None:
+        """Deliver what a hang stalled, once it is over (``ended``: it ends now)."""
+        if not self._stalled or (not ended and self._away() == "hang"):
+            return
+        ended_at = self.clock.elapsed
+        if not ended and not self._down and self._down_until is not None:
+            ended_at = min(ended_at, self._down_until)
+        stalled, self._stalled = self._stalled, []
+        for frames in stalled:
+            cut = (frames.moment < start <= (ended_at, math.inf) for start in self._outage_starts)
+            if any(cut):
+                continue  # a cut dropped the connection and the frames in its buffer
+            self._deliveries.append((frames.queue, ended_at, frames.message))
+            self.queues.setdefault(frames.queue, Queue()).put(frames.message)
+            if frames.record is not None:
+                frames.record.delivered = True
+
+    def _blocks_forever(self, kind: RecordedKind, why: str) -> str:
+        what = {"connect": "connecting", "publish": "publishing", "close": "closing a channel"}
+        return (
+            f"{what.get(kind, kind)} would block for ever in production: the broker hangs "
+            f"(flaky_broker.hang() at t={format_seconds(self._down_since)}, no up() since) and "
+            f"{why}.\n\n{self.timeline()}"
+        )
+
+    def _refuse_the_workers_side_of_a_hang(self, kind: OperationKind) -> None:
+        if self._hangs_until() is not None:
+            raise UsageError(
+                f"the worker's {kind} on a broker that hangs is not simulated yet (nor its "
+                "other reads, acks and heartbeats): end the hang before the worker needs the "
+                "broker (flaky_broker.up(), or an outage(seconds=..., how='hang') that is over "
+                "by then), or test the worker against a real broker with "
+                "broker_proxy(...).blackhole()"
+            )
+
     def _operate(
-        self, kind: OperationKind, client: transport.Client, queue: str | None = None
+        self,
+        kind: OperationKind,
+        client: transport.Client,
+        queue: str | None = None,
+        hung: float | None = None,
     ) -> None:
         error = self._error_for(kind, client)
-        self._record(kind, client.role, error, queue)
+        self._record(kind, client.role, error, queue, hung=hung)
         if error is None:
             return
         if kind == "connect" and client.role == "consumer" and self._down:
@@ -325,7 +554,7 @@ class InMemoryBroker:
 
     def _down_for_good(self) -> str:
         return (
-            f"the simulated broker is still down: flaky_broker.down() at "
+            f"the simulated broker is still down: flaky_broker.{self._down_how_called()} at "
             f"t={format_seconds(self._down_since)} was never followed by up(), so the worker "
             "cannot connect, and nothing brings the broker back while the worker runs (a real "
             "worker's consumer would retry broker_connection_max_retries times, then fail with "
@@ -333,6 +562,9 @@ class InMemoryBroker:
             "flaky_broker.outage(seconds=...) for a broker that comes back by itself.\n\n"
             f"{self.timeline()}"
         )
+
+    def _down_how_called(self) -> str:
+        return "hang()" if self._down_how == "hang" else "down()"
 
     def _fail_if_faulty(
         self, kind: OperationKind, client: transport.Client, queue: str | None
@@ -372,18 +604,6 @@ class InMemoryBroker:
             return None
         return self.rules.closed_by_broker_error(self.address)
 
-    def restore_visible(self, channel: Any, delivered_by: float) -> int:
-        """A redis visibility sweep: put back every parked message delivered by ``delivered_by``.
-
-        Returns how many it restored.
-        """
-        visible = [entry for entry in self.unacked if entry.delivered_at <= delivered_by]
-        self.unacked = [entry for entry in self.unacked if entry.delivered_at > delivered_by]
-        # kombu walks the unacked index newest first (ZRANGE ... REV).
-        for entry in sorted(visible, key=lambda entry: entry.delivered_at, reverse=True):
-            channel._restore(entry.message)
-        return len(visible)
-
     @property
     def next_outage_start(self) -> float | None:
         """When a scheduled :meth:`outage` begins, if it lies ahead (virtual seconds)."""
@@ -394,7 +614,7 @@ class InMemoryBroker:
     def _fault_for(self, kind: OperationKind) -> BaseException | None:
         if self._suspended:
             return None
-        if self.is_down:
+        if self._away() == "refuse":
             return self.rules.error(kind, self.address)
         for fault in self._faults:
             if fault.fires(kind):
@@ -404,22 +624,29 @@ class InMemoryBroker:
         return None
 
     def _record(
-        self, kind: OperationKind, role: str, error: BaseException | None, queue: str | None
+        self,
+        kind: RecordedKind,
+        role: str,
+        error: BaseException | None,
+        queue: str | None,
+        hung: float | None = None,
     ) -> None:
         op = BrokerOperation(
             kind=kind,
-            t=self.clock.elapsed,
+            # When it began: a hung operation is recorded once the client stopped waiting.
+            t=self.clock.elapsed - (hung or 0.0),
             ok=error is None,
             error=error,
             role="consumer" if role == "consumer" else "producer",
             task_id=self._announced.task_id,
             task_name=self._announced.task_name,
             queue=queue,
+            hung=hung,
         )
         if op.role == "consumer":
             op.task_id = op.task_name = None
         self.operations.append(op)
-        if op.role == "producer" and kind != "consume":
+        if op.role == "producer" and kind in ("connect", "publish", "ack"):
             self._publish_record_for(op).operations.append(op)
 
     def _publish_record_for(self, op: BrokerOperation) -> PublishRecord:
@@ -481,6 +708,14 @@ class PublishAnnouncements:
         # (plain kombu producers).
         self.seq += 1
         self.task_id = self.task_name = None
+
+
+def _check_how(how: object, method: str) -> None:
+    if how not in _OUTAGE_MODES:
+        raise UsageError(
+            f"{method}(how={how!r}): choose 'refuse' (the broker refuses, as a stopped one) or "
+            "'hang' (it accepts connections and never answers)"
+        )
 
 
 def _kinds(on: str | Iterable[str]) -> frozenset[str]:

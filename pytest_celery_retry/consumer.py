@@ -23,7 +23,7 @@ from celery.worker.consumer.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
 from kombu.serialization import prepare_accept_content
 
-from .errors import UsageError
+from .errors import UsageError, WorkerStoppedError
 from .records import MessageEvent
 from .transport import CONSUMER_ROLE_OPTION
 
@@ -65,7 +65,11 @@ class Consumer:
     _schedule_bucket_request = CeleryConsumer._schedule_bucket_request
 
     def __init__(
-        self, installed: AppInstallation, events: list[MessageEvent], on_settled: Settled
+        self,
+        installed: AppInstallation,
+        events: list[MessageEvent],
+        on_settled: Settled,
+        on_limit: Callable[[MessageEvent], None],
     ) -> None:
         self.app = installed.app
         self.broker: InMemoryBroker = installed.broker
@@ -87,10 +91,13 @@ class Consumer:
         self._celery_state = SimpleNamespace(
             app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
         )
-        # Only where the broker parks what a lost connection left unacknowledged (redis) does
-        # a consumer sweep it back.
-        self.visibility = self.broker.rules.visibility(self.app)
+        # What the broker does to a message held unacknowledged for long: Redis's visibility
+        # sweep, RabbitMQ's consumer_timeout (read when the worker starts).
+        self.limit = self.broker.rules.held_limit(self.app, self.broker)
+        self._on_limit = on_limit
         self.registered_at = 0.0
+        # The last sweep or channel tick that acted on this connection.
+        self.checked_at: float | None = None
         # Why the connection is known to be dead before the next poll (a failed ack).
         self.broken_by: str | None = None
         self.connection = self._connect()
@@ -101,8 +108,10 @@ class Consumer:
             transport_options={CONSUMER_ROLE_OPTION: "consumer"}
         )
         connected = CeleryConsumer.ensure_connected(self._celery_state, connection)
-        # The consumer registers with the event loop now: its visibility sweeps count from here.
+        # The consumer registers with the event loop now: its visibility sweeps (and its
+        # channel's ticks) count from here.
         self.registered_at = self.broker.clock.elapsed
+        self.checked_at = None
         return connected
 
     def close(self) -> None:
@@ -122,6 +131,29 @@ class Consumer:
                 return
             except recoverable as exc:
                 self._on_connection_lost(repr(exc), exc)
+            except tuple(self.connection.channel_errors) as exc:
+                self._stop(exc)
+
+    def _stop(self, exc: BaseException) -> None:
+        # As celery.worker.worker.WorkController.start: an error the consumer does not
+        # recover from ends the worker ("Unrecoverable error"), and the broker takes back
+        # what its connection held.
+        self._connection_event("worker stopped", f"Unrecoverable error: {exc!r}")
+        held = len(self.broker.unacked)
+        self.ready.clear()
+        self.held.clear()
+        with self.broker.suspend_faults():
+            self.connection.release()
+        raise WorkerStoppedError(
+            f"the worker stopped at t={self.broker.clock.elapsed:g}s with Celery's "
+            f"'Unrecoverable error: {exc!r}'. Celery's consumer reconnects after a connection "
+            "error, but after a channel error only with broker_channel_error_retry=True (off "
+            f"by default): a real worker process exits here. The broker took back the {held} "
+            "message(s) it held; they wait for a worker to start again. Keep countdowns "
+            "within the broker's limits (assert_fits_broker_limits), set "
+            "broker_channel_error_retry=True, or, if production's RabbitMQ allows longer, give "
+            "the simulated one its consumer_timeout (flaky_broker.consumer_timeout = seconds)"
+        ) from exc
 
     def _on_connection_lost(self, reason: str, exc: BaseException | None = None) -> None:
         # As celery.worker.consumer.Consumer.start: without broker_connection_retry the worker
@@ -152,7 +184,9 @@ class Consumer:
 
     def _fetch(self) -> None:
         channel = self.connection.default_channel
-        self._sweep(channel)
+        # A broker that is down neither sweeps nor ticks.
+        if self.limit is not None and not self.broker.is_down:
+            self.limit.enforce(self)
         now = self.broker.clock.now()
         for queue in list(self.broker.queues):
             while self._can_reserve():
@@ -219,25 +253,36 @@ class Consumer:
         wait = timedelta(microseconds=max(1, round(secs * 1e6)))
         self.call_at(self.broker.clock.now() + wait, fun, args, priority)
 
-    def _sweep(self, channel: Any) -> None:
-        """The redis transport's visibility sweep, as of its latest run up to now."""
-        if self.visibility is None or not self.broker.unacked or self.broker.is_down:
-            return
-        swept_at = self.visibility.last_sweep(self.registered_at, self.broker.clock.elapsed)
-        delivered_by = swept_at - self.visibility.visibility_timeout
-        restored = self.broker.restore_visible(channel, delivered_by)
-        if restored:
-            self._connection_event(
-                "visibility sweep",
-                f"{restored} unacknowledged message(s) back on the queue "
-                f"(visibility_timeout={self.visibility.visibility_timeout:g})",
-            )
+    # -- what a broker limit sees of this consumer (flavors.Holder) ------------------------
+    def unacked(self) -> list[Any]:
+        # What is ready to run now has run, as far as the broker's timers go: at one virtual
+        # instant the ETA comes before a sweep or a tick.
+        taken = {request.message.delivery_tag for request in self.ready}
+        return [entry for entry in self.broker.unacked if entry.message.delivery_tag not in taken]
 
-    def _next_restore(self) -> float | None:
-        if self.visibility is None or not self.broker.unacked:
-            return None
-        earliest = min(entry.delivered_at for entry in self.broker.unacked)
-        return self.visibility.next_restore(earliest, self.registered_at, self.broker.clock.elapsed)
+    def limit_crossed(self, message: Any, action: str, detail: str) -> None:
+        headers = message.headers or {}
+        self._on_limit(
+            MessageEvent(
+                self.broker.clock.elapsed,
+                headers.get("id", ""),
+                headers.get("task", ""),
+                action,
+                detail,
+            )
+        )
+
+    def restore(self, messages: list[Any], action: str, detail: str) -> None:
+        channel = self.connection.default_channel
+        for message in messages:
+            channel._restore(message)
+        self._connection_event(action, detail)
+
+    def holds(self, task_id: str) -> bool:
+        """Whether a message of ``task_id`` waits here (a copy the broker delivered again)."""
+        if any(request.id == task_id for request in self.ready):
+            return True
+        return any(getattr(arg, "id", None) == task_id for entry in self.held for arg in entry.args)
 
     def next_request(self) -> Any | None:
         return self.ready.popleft() if self.ready else None
@@ -246,16 +291,17 @@ class Consumer:
         """Move the clock to the next thing a waiting worker would see; False if there is none.
 
         That is the earliest held ETA or rate-limit wait (whose messages may become ready:
-        Celery's own code decides, at that moment) or the redis visibility
-        sweep that gives back what a lost connection left unacknowledged, unless a scheduled
-        outage begins first: a real worker notices a lost connection while it waits. The
-        caller polls the broker again after the wait, and sees the outage there.
+        Celery's own code decides, at that moment) or the moment the broker acts on what the
+        worker holds unacknowledged (a redis visibility sweep that restores it, RabbitMQ's
+        tick that closes the channel), unless a scheduled outage begins first: a real worker
+        notices a lost connection while it waits. The caller polls the broker again after the
+        wait, and sees the outage there.
         """
         clock = self.broker.clock
         wake = [self.held[0].due] if self.held else []
-        restore = self._next_restore()
-        if restore is not None:
-            wake.append(clock.now() + timedelta(seconds=restore - clock.elapsed))
+        limit = self.limit.next_action(self) if self.limit is not None else None
+        if limit is not None:
+            wake.append(clock.now() + timedelta(seconds=max(limit - clock.elapsed, 0)))
         if not wake:
             return False
         outage = self.broker.next_outage_start

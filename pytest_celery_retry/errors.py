@@ -8,10 +8,12 @@ from collections.abc import Callable
 from typing import cast
 
 __all__ = [
+    "BlocksForeverError",
     "CeleryRetryError",
     "ConfigurationError",
     "EndlessRetryError",
     "UsageError",
+    "WorkerStoppedError",
     "is_finite_number",
     "is_number",
     "is_whole_number",
@@ -31,8 +33,20 @@ class EndlessRetryError(CeleryRetryError):
     """A task kept retrying past the attempt limit: probably ``max_retries=None`` forever."""
 
 
+class WorkerStoppedError(CeleryRetryError):
+    """The worker stopped as a real one would ("Unrecoverable error"): the message says why."""
+
+
 class ConfigurationError(CeleryRetryError):
     """The Celery app or the pytest configuration does not let the plugin do its job."""
+
+
+class BlocksForeverError(CeleryRetryError):
+    """A call on a hung broker that no timeout bounds: in production it would never return.
+
+    Not a connection error to kombu, so no retry policy swallows it: the test fails with the
+    setting that would bound the wait.
+    """
 
 
 # The checks behind the plugin's UsageErrors: ``True`` is an int to Python, not a count.

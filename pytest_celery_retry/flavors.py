@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from .errors import ConfigurationError, UsageError
-from .records import OperationKind
+from .records import OperationKind, RecordedKind
 
 __all__ = [
     "DEFAULT_FLAVOR",
     "FLAVORS",
+    "INSTALLED_SCHEME_PREFIX",
+    "ClientSettings",
+    "ConsumerTimeout",
     "Flavor",
+    "HeldLimit",
+    "HungWait",
     "PyAmqp",
     "Redis",
     "VisibilityTimeout",
@@ -59,6 +65,9 @@ class Flavor:
     # The client reconnects by itself for a command (a publish, an ack) on a connection an
     # outage cut; only a consumer's reading connection is seen to break.
     client_reconnects: ClassVar[bool] = False
+    # The in-memory broker's settings of the real broker this flavour reads
+    # (``flaky_broker.consumer_timeout = ...``); the others refuse to be set.
+    broker_settings: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -81,9 +90,18 @@ class Flavor:
         """What the real transport raises on a connection the broker closed while it was away."""
         return self.error("consume", address)
 
-    def visibility(self, app: Any) -> VisibilityTimeout | None:
-        """When a consumer sweeps parked messages back (only where the broker parks them)."""
+    def held_limit(self, app: Any, broker: Any = None) -> HeldLimit | None:
+        """What the broker does to a message a consumer holds unacknowledged for long.
+
+        ``broker`` is the in-memory broker (its settings), or None for the real broker's
+        defaults.
+        """
         return None
+
+    def hung_wait(self, kind: RecordedKind, client: ClientSettings) -> HungWait | None:
+        """How the real client waits when the broker never answers ``kind`` (None: it does not
+        wait for an answer). Only connects, publishes and channel closes are modelled."""
+        raise NotImplementedError
 
     def address(self, url: str | None) -> str:
         """``host:port`` of the (first) broker in ``url``, with this flavour's default port."""
@@ -101,6 +119,11 @@ class Flavor:
 
 # Every flavour by name, the default first.
 FLAVORS: dict[str, Flavor] = {}
+# The URL scheme of an in-memory broker of flavour ``name`` is this prefix and the name.
+INSTALLED_SCHEME_PREFIX = "celery-retry-"
+# RabbitMQ's defaults: ``consumer_timeout`` (30 min) and ``channel_tick_interval`` (60 s).
+CONSUMER_TIMEOUT = 1800.0
+CHANNEL_TICK_INTERVAL = 60.0
 
 
 class PyAmqp(Flavor):
@@ -117,6 +140,7 @@ class PyAmqp(Flavor):
     proxy_schemes = ("amqp", "amqps", "pyamqp")
     url_variable = "CELERY_RETRY_AMQP_URL"
     example_url = "amqp://guest:guest@127.0.0.1:5672//"
+    broker_settings = frozenset({"consumer_timeout", "channel_tick_interval"})
 
     def real_transport(self) -> type:
         from kombu.transport import pyamqp
@@ -133,6 +157,44 @@ class PyAmqp(Flavor):
     def closed_by_broker_error(self, address: str) -> BaseException:
         # Measured through the fault proxy after a 0.5 s cut (tests/test_real_brokers.py).
         return OSError("Server unexpectedly closed connection")
+
+    def held_limit(self, app: Any, broker: Any = None) -> ConsumerTimeout | None:
+        if broker is None:
+            return ConsumerTimeout(CONSUMER_TIMEOUT, CHANNEL_TICK_INTERVAL)
+        if broker.consumer_timeout is None:
+            return None
+        return ConsumerTimeout(broker.consumer_timeout, broker.channel_tick_interval)
+
+    def hung_wait(self, kind: RecordedKind, client: ClientSettings) -> HungWait | None:
+        # Measured through the fault proxy's blackhole (tests/real_limits_cases.py): py-amqp's
+        # socket reads raise socket.timeout, which is TimeoutError('timed out').
+        if kind == "connect":
+            # The TCP connect succeeds; the AMQP handshake waits for Connection.Start.
+            return HungWait(
+                client.connect_timeout,
+                _timed_out,
+                "py-amqp waits for the broker's handshake without a timeout: set "
+                "broker_connection_timeout",
+            )
+        if kind == "publish":
+            if not client.transport_options.get("confirm_publish"):
+                return None  # the frames sit in the socket's buffer: the publish returns
+            return HungWait(
+                client.confirm_timeout,
+                _timed_out,
+                "with confirm_publish, py-amqp waits for the broker's confirm without a "
+                "timeout: pass confirm_timeout= to apply_async / send_task",
+            )
+        if kind == "close":
+            return HungWait(
+                None,
+                _timed_out,
+                "py-amqp closes a channel by waiting for the broker's Close-Ok, without a "
+                "timeout. kombu closes the channel of a connection it hands back to the pool "
+                "after a failed publish (a confirm_timeout with retry=False): publish with "
+                "retry=True, which drops a failed connection without a word",
+            )
+        raise NotImplementedError(kind)
 
 
 class Redis(Flavor):
@@ -172,8 +234,26 @@ class Redis(Flavor):
             return RedisConnectionError(f"Error 111 connecting to {address}. Connection refused.")
         return RedisConnectionError("Connection closed by server.")
 
-    def visibility(self, app: Any) -> VisibilityTimeout:
+    def held_limit(self, app: Any, broker: Any = None) -> VisibilityTimeout:
         return VisibilityTimeout.for_app(app)
+
+    def hung_wait(self, kind: RecordedKind, client: ClientSettings) -> HungWait | None:
+        # Measured through the fault proxy's blackhole (tests/real_limits_cases.py): every
+        # Redis command waits for its reply up to socket_timeout (the connect's is the PING
+        # of kombu's new channel). socket_connect_timeout bounds the TCP connect only, which a
+        # hung broker's kernel completes, and broker_connection_timeout never reaches redis-py.
+        if kind == "close":
+            return None  # redis-py closes its socket without a word
+        if kind not in ("connect", "publish"):
+            raise NotImplementedError(kind)
+        return HungWait(
+            client.transport_options.get("socket_timeout"),
+            _redis_timeout,
+            "redis-py reads the broker's reply without a timeout (kombu's default "
+            "socket_timeout is None; socket_connect_timeout covers the TCP connect only, and "
+            "broker_connection_timeout does not reach redis-py's reads): set "
+            "broker_transport_options={'socket_timeout': 5}",
+        )
 
 
 # Celery's default transport: the flavour of a URL of no other flavour.
@@ -191,8 +271,14 @@ def flavor_named(name: str) -> Flavor:
 
 
 def flavor_for_url(url: str | None) -> Flavor:
-    """The flavour matching a broker URL's transport (pyamqp, Celery's default, otherwise)."""
-    scheme = _scheme(url).split("+", 1)[-1]
+    """The flavour matching a broker URL's transport (pyamqp, Celery's default, otherwise).
+
+    The URL of an installed in-memory broker names its flavour.
+    """
+    scheme = _scheme(url)
+    if scheme.startswith(INSTALLED_SCHEME_PREFIX):
+        return flavor_named(scheme[len(INSTALLED_SCHEME_PREFIX) :])
+    scheme = scheme.split("+", 1)[-1]
     for flavor in FLAVORS.values():
         if scheme in flavor.schemes:
             return flavor
@@ -220,25 +306,113 @@ def _scheme(url: str | None) -> str:
     return (url or "").split("://", 1)[0].lower()
 
 
+class Holder(Protocol):
+    """The worker's consumer, as a broker limit sees it (consumer.Consumer)."""
+
+    broker: Any
+    # When its channel opened (virtual seconds): the broker's timers count from there.
+    registered_at: float
+    # The last sweep or tick that acted on this channel.
+    checked_at: float | None
+
+    def unacked(self) -> list[Any]:
+        """What it holds unacknowledged (``UnackedMessage``), not what it is about to run."""
+
+    def limit_crossed(self, message: Any, action: str, detail: str) -> None:
+        """Note, for the message's run, what the broker did to it."""
+
+    def restore(self, messages: list[Any], action: str, detail: str) -> None:
+        """Put copies of ``messages`` back on their queue, marked redelivered; log why."""
+
+
+class HeldLimit(Protocol):
+    """What a broker does to a message a consumer holds unacknowledged for long."""
+
+    @property
+    def setting(self) -> str:
+        """The broker setting's name, for messages ("visibility_timeout")."""
+
+    @property
+    def seconds(self) -> float:
+        """The setting's value."""
+
+    def enforce(self, holder: Holder) -> None:
+        """Do what the broker has done up to now (a sweep, a channel closed: may raise)."""
+
+    def next_action(self, holder: Holder) -> float | None:
+        """When the broker next acts on what ``holder`` holds, if it will."""
+
+    def verdict(self, countdown: float, app: Any) -> str | None:
+        """What production does to a retry waiting ``countdown`` s; None when it fits."""
+
+    def advice(self) -> str:
+        """How to make a retry schedule fit."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What bounds a client's waits for a broker: its connection's settings and the publish's."""
+
+    transport_options: Mapping[str, Any]
+    # kombu's Connection.connect_timeout: Celery's broker_connection_timeout.
+    connect_timeout: float | None
+    # The publish's confirm_timeout (apply_async / send_task), for a publish.
+    confirm_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class HungWait:
+    """How the real client waits for an answer that a hung broker never sends."""
+
+    # Seconds, or None: it waits for ever.
+    timeout: float | None
+    # What it raises when the timeout passes.
+    error: Callable[[], BaseException]
+    # Why it waits for ever without a timeout, and what bounds the wait.
+    unbounded: str
+
+
+def _timed_out() -> BaseException:
+    return TimeoutError("timed out")
+
+
+def _redis_timeout() -> BaseException:
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return RedisTimeoutError("Timeout reading from socket")
+
+
 @dataclass(frozen=True)
 class VisibilityTimeout:
-    """When kombu's redis transport gives back messages a lost consumer never acknowledged.
+    """When kombu's redis transport gives back messages nobody acknowledged in time.
 
-    A worker's redis transport sweeps the ``unacked`` index when its consumer registers with
-    the event loop and then on every ``unacked_restore_throttle``-th call of a timer that
-    fires every ``unacked_restore_interval`` seconds (kombu < 5.7: every 10th call, every
-    10 s). A sweep restores the messages delivered at least ``visibility_timeout`` seconds
-    before it. The figures come from the installed kombu and the app's transport options.
+    Redis keeps each delivered message in the ``unacked`` hash (and its delivery time in the
+    ``unacked_index``) until it is acknowledged. A worker's redis transport sweeps the index
+    when its consumer registers with the event loop and then on every
+    ``unacked_restore_throttle``-th call of a timer that fires every
+    ``unacked_restore_interval`` seconds (kombu < 5.7: every 10th call, every 10 s). A sweep
+    puts back on the queue, marked redelivered, every message delivered at least
+    ``visibility_timeout`` seconds before it: one a lost connection left, and one a worker
+    still holds for its ETA, which the worker then receives and holds a second time
+    (celery#2481). The figures come from the installed kombu and the app's transport options.
     """
 
     visibility_timeout: float
     sweep_every: float
 
+    @property
+    def setting(self) -> str:
+        return "visibility_timeout"
+
+    @property
+    def seconds(self) -> float:
+        return self.visibility_timeout
+
     @classmethod
     def for_app(cls, app: Any) -> VisibilityTimeout:
         from kombu.transport import redis
 
-        options = app.conf.broker_transport_options or {}
+        options = (app.conf.broker_transport_options if app is not None else None) or {}
         channel = redis.Channel
         timeout = options.get("visibility_timeout", channel.visibility_timeout)
         # kombu < 5.7 hard-codes the timer (10 s) and takes restore_visible's default throttle.
@@ -261,6 +435,190 @@ class VisibilityTimeout:
         due = max(delivered_at + self.visibility_timeout, now, registered_at)
         sweeps = math.ceil((due - registered_at) / self.sweep_every - _EPSILON)
         return registered_at + sweeps * self.sweep_every
+
+    def enforce(self, holder: Holder) -> None:
+        swept_at = self.last_sweep(holder.registered_at, holder.broker.clock.elapsed)
+        if swept_at == holder.checked_at:
+            return
+        holder.checked_at = swept_at
+        delivered_by = swept_at - self.visibility_timeout
+        visible = [entry for entry in holder.unacked() if entry.delivered_at <= delivered_by]
+        # kombu walks the unacked index newest first (ZREVRANGEBYSCORE).
+        visible.sort(key=lambda entry: entry.delivered_at, reverse=True)
+        for entry in visible:
+            held = round(swept_at - entry.delivered_at, 6)
+            holder.limit_crossed(
+                entry.message,
+                "visibility sweep",
+                f"restored to the queue: unacknowledged for {held:g} s >= visibility_timeout="
+                f"{self.visibility_timeout:g} s (a worker holding it runs it once more)",
+            )
+        if visible:
+            holder.restore(
+                [entry.message for entry in visible],
+                "visibility sweep",
+                f"{len(visible)} unacknowledged message(s) back on the queue "
+                f"(visibility_timeout={self.visibility_timeout:g})",
+            )
+
+    def next_action(self, holder: Holder) -> float | None:
+        entries = holder.unacked()
+        if not entries:
+            return None
+        now = holder.broker.clock.elapsed
+        earliest = min(entry.delivered_at for entry in entries)
+        due = self.next_restore(earliest, holder.registered_at, now)
+        if holder.checked_at is not None and due <= holder.checked_at + _EPSILON:
+            due = holder.checked_at + self.sweep_every  # that sweep ran already
+        return due
+
+    def copies(self, countdown: float) -> list[float]:
+        """When a worker receives each copy of a message it holds for ``countdown`` seconds.
+
+        The first at 0, on a sweep; each restored copy at the first sweep that finds the one
+        before it. A sweep at the ETA itself comes after the ETA (the message runs first).
+        """
+        received = [0.0]
+        while True:
+            last = received[-1]
+            restore = max(self.next_restore(last, 0.0, last), last + self.sweep_every)
+            if restore >= countdown - _EPSILON:
+                return received
+            received.append(restore)
+
+    def verdict(self, countdown: float, app: Any) -> str | None:
+        copies = self.copies(countdown)
+        if len(copies) == 1:
+            return None
+        times = ", ".join(f"+{t:g} s" for t in copies[1:])
+        return (
+            f"longer than Redis's visibility_timeout={self.visibility_timeout:g} s (a sweep "
+            f"every {self.sweep_every:g} s): the sweeps put the held message back at {times}; "
+            f"the worker holds every copy and runs the retry {len(copies)} times at its ETA "
+            "(celery#2481)"
+        )
+
+    def advice(self) -> str:
+        return (
+            "raise broker_transport_options['visibility_timeout'] above the longest countdown "
+            "(on every app and worker of that Redis), or keep countdowns below it"
+        )
+
+
+@dataclass(frozen=True)
+class ConsumerTimeout:
+    """RabbitMQ's ``consumer_timeout``: it closes a channel that holds a delivery too long.
+
+    On each channel tick (``channel_tick_interval``, counted from the channel's opening)
+    RabbitMQ closes the channel with ``PRECONDITION_FAILED`` if one of its deliveries has been
+    unacknowledged for more than ``timeout`` seconds, and requeues what the channel held.
+    Celery's consumer treats that channel error as fatal unless
+    ``broker_channel_error_retry`` is on (celery#6760).
+    """
+
+    timeout: float
+    tick: float
+
+    @property
+    def setting(self) -> str:
+        return "consumer_timeout"
+
+    @property
+    def seconds(self) -> float:
+        return self.timeout
+
+    def closes_at(self, delivered_at: float, opened_at: float) -> float:
+        """The tick that finds a message delivered at ``delivered_at`` too old."""
+        ticks = math.floor((delivered_at + self.timeout - opened_at) / self.tick + _EPSILON) + 1
+        return opened_at + max(ticks, 1) * self.tick
+
+    def error(self) -> BaseException:
+        """What py-amqp raises on the channel RabbitMQ closed (measured, RabbitMQ 3.10)."""
+        from amqp.exceptions import PreconditionFailed
+
+        error: BaseException = PreconditionFailed(
+            "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. Timeout "
+            f"value used: {round(self.timeout * 1000)} ms. This timeout value can be "
+            "configured, see consumers doc guide to learn more",
+            (0, 0),
+            "",
+            406,
+        )
+        return error
+
+    def enforce(self, holder: Holder) -> None:
+        now = holder.broker.clock.elapsed
+        ticks = math.floor((now - holder.registered_at) / self.tick + _EPSILON)
+        tick = holder.registered_at + ticks * self.tick
+        if ticks < 1 or tick == holder.checked_at:
+            return
+        holder.checked_at = tick
+        late = [
+            entry
+            for entry in holder.unacked()
+            if entry.delivered_at + self.timeout < tick - _EPSILON
+        ]
+        for entry in late:
+            held = round(tick - entry.delivered_at, 6)
+            holder.limit_crossed(
+                entry.message,
+                "consumer timeout",
+                f"unacknowledged for {held:g} s > consumer_timeout={self.timeout:g} s: RabbitMQ "
+                "closed the worker's channel (PRECONDITION_FAILED) and requeued it",
+            )
+        if late:
+            raise self.error()
+
+    def next_action(self, holder: Holder) -> float | None:
+        entries = holder.unacked()
+        if not entries:
+            return None
+        return min(self.closes_at(entry.delivered_at, holder.registered_at) for entry in entries)
+
+    def closes(self, countdown: float, reconnects: bool) -> list[float]:
+        """When RabbitMQ closes the channel of a worker holding a message for ``countdown`` s.
+
+        Without reconnects the first close ends the worker; with them each new channel
+        receives the message again and holds it until the next close, or its ETA.
+        """
+        closes: list[float] = []
+        opened = 0.0
+        while True:
+            close = self.closes_at(opened, opened)
+            if close >= countdown - _EPSILON:
+                return closes
+            closes.append(close)
+            if not reconnects:
+                return closes
+            opened = close
+
+    def verdict(self, countdown: float, app: Any) -> str | None:
+        reconnects = bool(app is not None and app.conf.broker_channel_error_retry)
+        closes = self.closes(countdown, reconnects)
+        if not closes:
+            return None
+        limit = (
+            f"longer than RabbitMQ's consumer_timeout={self.timeout:g} s (checked every "
+            f"{self.tick:g} s): RabbitMQ closes the worker's channel with PRECONDITION_FAILED"
+        )
+        if not reconnects:
+            return (
+                f"{limit} at +{closes[0]:g} s and, with Celery's default "
+                "broker_channel_error_retry=False, the worker stops ('Unrecoverable error'); "
+                "the retry waits in the queue until a worker starts again (celery#6760)"
+            )
+        times = ", ".join(f"+{t:g} s" for t in closes)
+        return (
+            f"{limit} at {times}; with broker_channel_error_retry=True the worker reconnects "
+            "each time, RabbitMQ redelivers the message, and the retry runs once at its ETA "
+            "(redelivered=True)"
+        )
+
+    def advice(self) -> str:
+        return (
+            "raise RabbitMQ's consumer_timeout (rabbitmq.conf) above the longest countdown, or "
+            "keep countdowns below it; broker_channel_error_retry=True keeps the worker alive"
+        )
 
 
 _SWEEP_TIMER_BEFORE_KOMBU_5_7 = 10

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _DEFAULTS = Settings()
 # The settings of this pytest run, parsed once at configure time.
 SETTINGS = pytest.StashKey[Settings]()
-_OUTAGE_KEYS = {"fail_next", "seconds", "on", "flavor", "down"}
+_OUTAGE_KEYS = {"fail_next", "seconds", "on", "flavor", "down", "how"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,7 +89,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(switch, "celery-retry-eager")
     config.addinivalue_line(
         "markers",
-        "broker_outage(fail_next=N, on='connect', seconds=S, down=False, flavor=None): "
+        "broker_outage(fail_next=N, on='connect', seconds=S, down=False, how='refuse', "
+        "flavor=None): "
         "make the flaky_broker fail for this test",
     )
     config.addinivalue_line(
@@ -189,10 +190,24 @@ def celery_retry_flavor() -> str | None:
 
 
 @pytest.fixture
-def celery_retry_session(pytestconfig: pytest.Config) -> Iterator[RetrySession]:
+def celery_retry_result_backend(pytestconfig: pytest.Config) -> str | None:
+    """The result backend installed for the test (the ini option; None keeps the app's own).
+
+    Override it for a backend without a native chord join, e.g. ``f"file://{tmp_path}"``.
+    """
+    return pytestconfig.stash[SETTINGS].result_backend
+
+
+@pytest.fixture
+def celery_retry_session(
+    pytestconfig: pytest.Config, celery_retry_result_backend: str | None
+) -> Iterator[RetrySession]:
     """The test's virtual clock and everything the plugin installed, undone at teardown."""
     # A copy: a test may change its own settings (retry_worker.settings.max_attempts = 20).
-    session = RetrySession(settings=dataclasses.replace(pytestconfig.stash[SETTINGS])).start()
+    settings = dataclasses.replace(
+        pytestconfig.stash[SETTINGS], result_backend=celery_retry_result_backend
+    )
+    session = RetrySession(settings=settings).start()
     try:
         yield session
     finally:
@@ -280,6 +295,11 @@ def _outage_options(marker: pytest.Mark) -> dict[str, Any]:
         )
     if "on" in marker.kwargs and "fail_next" not in marker.kwargs:
         raise UsageError("@pytest.mark.broker_outage: on= goes with fail_next=")
+    if "how" in marker.kwargs and not ("seconds" in marker.kwargs or down):
+        raise UsageError(
+            "@pytest.mark.broker_outage: how= goes with seconds= or down=True, e.g. "
+            "broker_outage(down=True, how='hang')"
+        )
     return dict(marker.kwargs)
 
 
@@ -290,9 +310,9 @@ def _apply_outage(broker: InMemoryBroker, options: dict[str, Any]) -> None:
         if "fail_next" in options:
             broker.fail_next(options["fail_next"], on=options.get("on", "connect"))
         elif "seconds" in options:
-            broker.outage(options["seconds"])
+            broker.outage(options["seconds"], how=options.get("how", "refuse"))
         elif options.get("down"):
-            broker.down()
+            broker.down(how=options.get("how", "refuse"))
     except UsageError as exc:
         raise UsageError(f"@pytest.mark.broker_outage: {exc}") from None
 

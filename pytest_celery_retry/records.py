@@ -14,6 +14,9 @@ from typing import Any, Literal, NamedTuple
 AttemptOutcome = Literal["retry", "success", "failure", "rejected", "ignored", "worker-lost"]
 RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
 OperationKind = Literal["connect", "publish", "consume", "ack"]
+# What the broker records: the operations faults apply to, and a channel close on a broker
+# that hangs (py-amqp waits for its answer).
+RecordedKind = Literal["connect", "publish", "consume", "ack", "close"]
 # What the fault proxy did with a TCP connection a client opened.
 ConnectionOutcome = Literal["accepted", "refused", "blackholed"]
 
@@ -28,6 +31,7 @@ __all__ = [
     "OperationKind",
     "ProxyEvent",
     "PublishRecord",
+    "RecordedKind",
     "Redelivery",
     "RunState",
     "TaskRun",
@@ -97,7 +101,15 @@ class Attempt:
     ack_failed: bool = False
     # Virtual seconds the worker held its message back for the task's rate_limit.
     rate_limit_hold: float = 0.0
+    # Its message came marked redelivered: the broker had taken it back and delivered it again.
+    redelivered: bool = False
+    # The number of an earlier attempt that already ran the same retry: this run is a
+    # duplicate (a copy a visibility sweep restored, or a message whose ack was lost).
+    duplicate_of: int | None = None
     note: str = ""
+    # Its place among all the attempts the worker ran (1, 2, ...): orders attempts that
+    # started at the same virtual time (a chord's callback after the unlock that sent it).
+    order: int = 0
 
     @property
     def state(self) -> str:
@@ -121,6 +133,16 @@ class TaskRun:
     seed: int | None = None
     attempts: list[Attempt] = field(default_factory=list)
     lost: bool = False
+    # What the broker did to its messages held past a limit (a visibility sweep restoring
+    # one, RabbitMQ closing the channel for consumer_timeout), in the order it happened.
+    limit_events: list[MessageEvent] = field(default_factory=list)
+    # The task that published it (Celery's ``parent_id``): a canvas's links and errbacks.
+    parent_id: str | None = None
+    # The names of the tasks its ``link_error`` calls when it fails for good.
+    link_error: tuple[str, ...] = ()
+    # A task that never ran, failed in the result backend by Celery when an earlier member of
+    # its canvas failed for good (a chain's later tasks, a chord's callback): that exception.
+    stored_exception: BaseException | None = None
 
     @property
     def countdowns(self) -> list[float]:
@@ -133,12 +155,19 @@ class TaskRun:
         return sum(1 for a in self.attempts if a.retry_published)
 
     @property
+    def duplicates(self) -> list[Attempt]:
+        """The attempts that ran a retry an earlier attempt had already run."""
+        return [a for a in self.attempts if a.duplicate_of is not None]
+
+    @property
     def last(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
 
     @property
     def state(self) -> RunState:
         last = self.last
+        if last is None and self.stored_exception is not None:
+            return "FAILURE"
         if last is None or last.outcome is None:
             return "PENDING"
         if last.outcome == "success" and not last.retry_published:
@@ -157,7 +186,9 @@ class TaskRun:
     def exception(self) -> BaseException | None:
         """The exception that ended the task (None unless the run failed)."""
         last = self.last
-        return last.raised if last is not None and self.state == "FAILURE" else None
+        if last is None:
+            return self.stored_exception
+        return last.raised if self.state == "FAILURE" else None
 
     @property
     def elapsed(self) -> float:
@@ -187,12 +218,27 @@ class TaskRun:
         if any(a.note for a in self.attempts):
             headers.append("note")
         table = format_table(headers, rows)
+        start = self.attempts[0].t if self.attempts else 0.0
+        limits = [f"  t={e.t - start:+.3f}s  {e.action}: {e.detail}" for e in self.limit_events]
+        if limits:
+            table += "\nbroker limits:\n" + "\n".join(limits)
         summary = (
             f"final: {self.state} after {len(self.attempts)} attempt(s), {self.retries} "
             f"retr{'y' if self.retries == 1 else 'ies'}, {self.elapsed:g} s of virtual time"
         )
+        if self.duplicates:
+            summary += (
+                f" -- {len(self.duplicates)} DUPLICATE run(s): attempt(s) "
+                f"{', '.join(str(a.number) for a in self.duplicates)} ran a retry again"
+            )
         if self.lost:
             summary += " -- the task is LOST: its retry message never reached the broker"
+        if not self.attempts and self.stored_exception is not None:
+            summary = (
+                "final: FAILURE without running: the result backend holds "
+                f"{describe_exception(self.stored_exception)}, stored when an earlier member "
+                "of its canvas failed"
+            )
         return f"{title}\n{_indent(table)}\n{summary}"
 
     def __repr__(self) -> str:
@@ -204,9 +250,13 @@ class TaskRun:
 
 @dataclass
 class BrokerOperation:
-    """One connect, publish or consume the in-memory broker was asked to do."""
+    """One connect, publish or consume the in-memory broker was asked to do.
 
-    kind: OperationKind
+    ``t`` is when it began; ``hung`` how many virtual seconds the client then waited for a
+    broker that did not answer (``None`` when it answered at once).
+    """
+
+    kind: RecordedKind
     t: float
     ok: bool
     error: BaseException | None = None
@@ -214,6 +264,19 @@ class BrokerOperation:
     task_id: str | None = None
     task_name: str | None = None
     queue: str | None = None
+    hung: float | None = None
+
+    @property
+    def ended_at(self) -> float:
+        return self.t + (self.hung or 0.0)
+
+    @property
+    def result(self) -> str:
+        """``ok`` or ``FAILED``, after how long a hang (for timelines)."""
+        result = "ok" if self.ok else "FAILED"
+        if self.hung is None:
+            return result
+        return f"hung {format_seconds(self.hung)}, {result}"
 
 
 @dataclass
@@ -276,7 +339,7 @@ class PublishRecord:
 
     @property
     def ended_at(self) -> float | None:
-        return self.operations[-1].t if self.operations else None
+        return self.operations[-1].ended_at if self.operations else None
 
 
 @dataclass

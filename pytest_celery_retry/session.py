@@ -126,6 +126,7 @@ class RetrySession:
             finally:
                 broker.close()
             raise
+        broker.app = app
         installed = AppInstallation(app, patch, broker)
         self.installations[id(app)] = installed
         return installed
@@ -138,6 +139,10 @@ class RetrySession:
                 undo.callback(self._disconnect_signal)
             for installed in self.installations.values():
                 undo.callback(installed.broker.close)
+            # Dropping the app's connections closes their channels: on a broker the test left
+            # hanging, that would wait for its answer.
+            for installed in self.installations.values():
+                undo.enter_context(installed.broker.suspend_faults())
             for patch in self._patches.values():
                 undo.callback(patch.restore)
             for installed in self.installations.values():

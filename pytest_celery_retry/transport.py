@@ -17,7 +17,7 @@ from kombu.transport import TRANSPORT_ALIASES, memory, virtual
 
 from .clock import VirtualClock
 from .errors import UsageError
-from .flavors import Flavor
+from .flavors import INSTALLED_SCHEME_PREFIX, ClientSettings, Flavor
 
 __all__ = ["CONSUMER_ROLE_OPTION", "Broker", "Client", "attach", "detach"]
 
@@ -33,6 +33,11 @@ class Client(Protocol):
     # When the last successful connect happened, as (virtual time, broker event number):
     # an outage that began since then has cut the connection.
     opened_at: tuple[float, int] | None
+    # A call on it would have blocked for ever (BlocksForeverError): nothing after it happens.
+    blocked_forever: bool
+
+    def settings(self, confirm_timeout: float | None = None) -> ClientSettings:
+        """What bounds the client's waits for an answer (``confirm_timeout``: the publish's)."""
 
 
 class Broker(Protocol):
@@ -45,8 +50,17 @@ class Broker(Protocol):
     def on_connect(self, client: Client) -> None:
         """Raise the connect's fault, if any; record the connect."""
 
-    def on_publish(self, client: Client, queue: str, message: dict[str, Any]) -> None:
-        """Raise the publish's fault, if any; record the publish and its delivery."""
+    def on_publish(
+        self,
+        client: Client,
+        queue: str,
+        message: dict[str, Any],
+        confirm_timeout: float | None = None,
+    ) -> bool:
+        """Raise the publish's fault, if any; record the publish and its delivery.
+
+        Returns whether the message reaches its queue now (else the broker delivers it later).
+        """
 
     def on_consume(self, client: Client, queue: str) -> None:
         """Raise the poll's fault, if any."""
@@ -54,30 +68,35 @@ class Broker(Protocol):
     def on_settle(self, client: Client) -> None:
         """Raise the ack's (or reject's) fault, if any."""
 
-    def on_restore(self, message: Any, delivered_at: float | None) -> bool:
+    def on_deliver(self, message: Any) -> None:
+        """A consumer received ``message``: it is unacknowledged from now on."""
+
+    def on_acked(self, delivery_tag: Any) -> None:
+        """The consumer acknowledged (or rejected) the message ``delivery_tag``."""
+
+    def on_close(self, client: Client) -> None:
+        """Wait for the broker's answer to a channel close, if the client would."""
+
+    def on_restore(self, message: Any) -> bool:
         """Whether an unacknowledged message goes back to its queue now (else it is parked)."""
 
 
 class _QoS(virtual.QoS):
-    """kombu's QoS, noting when each unacknowledged message was delivered (redis needs it)."""
+    """kombu's QoS, telling the broker what is delivered and not yet acknowledged."""
 
     channel: _Channel
 
-    def __init__(self, channel: _Channel, prefetch_count: int = 0) -> None:
-        super().__init__(channel, prefetch_count)
-        self.delivered_at: dict[Any, float] = {}
-
     def append(self, message: Any, delivery_tag: Any) -> None:
         super().append(message, delivery_tag)
-        self.delivered_at[delivery_tag] = self.channel.connection.broker.clock.elapsed
+        self.channel.connection.broker.on_deliver(message)
 
     def ack(self, delivery_tag: Any) -> None:
         super().ack(delivery_tag)
-        self.delivered_at.pop(delivery_tag, None)
+        self.channel.connection.broker.on_acked(delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         super().reject(delivery_tag, requeue=requeue)
-        self.delivered_at.pop(delivery_tag, None)
+        self.channel.connection.broker.on_acked(delivery_tag)
 
 
 class _Channel(memory.Channel):
@@ -107,8 +126,7 @@ class _Channel(memory.Channel):
         # Returning an unacknowledged message to its queue is the broker's own doing (the
         # consumer rejected it or its connection closed): not a publish that can fail, and
         # not a new delivery.
-        delivered_at = self.qos.delivered_at.pop(message.delivery_tag, None)
-        if not self.connection.broker.on_restore(message, delivered_at):
+        if not self.connection.broker.on_restore(message):
             return
         self._restoring = True
         try:
@@ -117,9 +135,23 @@ class _Channel(memory.Channel):
             self._restoring = False
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        if not self._restoring:
-            self.connection.broker.on_publish(self.connection, queue, message)
+        if self._restoring:
+            # Both real brokers deliver a message they took back with delivery_info's
+            # ``redelivered`` set (kombu's memory transport marks only the payload). A copy:
+            # the properties are those of the message a worker may still hold.
+            properties = message["properties"]
+            delivery_info = {**properties.get("delivery_info", {}), "redelivered": True}
+            message = {**message, "properties": {**properties, "delivery_info": delivery_info}}
+        elif not self.connection.broker.on_publish(
+            self.connection, queue, message, kwargs.get("confirm_timeout")
+        ):
+            return  # a publish into a hung broker without confirms: it never arrives
         super()._put(queue, message, **kwargs)
+
+    def close(self) -> None:
+        if not self.closed and not self.connection.collecting:
+            self.connection.broker.on_close(self.connection)
+        super().close()
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         self.connection.broker.on_consume(self.connection, queue)
@@ -133,6 +165,9 @@ class _Transport(memory.Transport):
     Channel = _Channel
     driver_name = "pytest-celery-retry"
     opened_at: tuple[float, int] | None = None
+    blocked_forever = False
+    # Inside kombu's Connection.collect: the connection is dropped without a word.
+    collecting = False
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
@@ -149,6 +184,24 @@ class _Transport(memory.Transport):
     def establish_connection(self) -> Any:
         self.broker.on_connect(self)
         return super().establish_connection()
+
+    def settings(self, confirm_timeout: float | None = None) -> ClientSettings:
+        client = self.client  # kombu's Connection; None once kombu let go of the transport
+        return ClientSettings(
+            getattr(client, "transport_options", None) or {},
+            getattr(client, "connect_timeout", None),
+            confirm_timeout,
+        )
+
+    def _collect_quietly(self, connection: Any) -> None:
+        """kombu's ``collect()`` for a transport that drops a connection without a word (the
+        real transport's ``_collect``): its channels close, and the broker takes back what they
+        had not acknowledged, but nothing waits for the broker's answer."""
+        self.collecting = True
+        try:
+            self.close_connection(connection)
+        finally:
+            self.collecting = False
 
     def driver_version(self) -> str:
         return "N/A"
@@ -173,7 +226,7 @@ def detach(name: str) -> None:
 
 def _scheme(flavor: Flavor) -> str:
     """The URL scheme of the flavour's transport, registered with kombu on first use."""
-    scheme = f"celery-retry-{flavor.name}"
+    scheme = f"{INSTALLED_SCHEME_PREFIX}{flavor.name}"
     if flavor.name not in _transports:
         transport = _transports[flavor.name] = _flavored_transport(flavor)
         globals()[f"_{flavor.name}_transport"] = transport
@@ -198,4 +251,7 @@ def _flavored_transport(flavor: Flavor) -> type[_Transport]:
         )
         if name in vars(real) or hasattr(real, name)
     }
+    # kombu's collect() goes another way for a transport with _collect (py-amqp's).
+    if hasattr(real, "_collect"):
+        declared["_collect"] = _Transport._collect_quietly
     return type(f"Flaky{flavor.name.capitalize()}Transport", (_Transport,), declared)

@@ -10,6 +10,7 @@ nothing is due, it moves the virtual clock to the next of those moments instead 
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import time
@@ -31,10 +32,18 @@ from kombu.exceptions import EncodeError
 from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
+from .canvas import CanvasRun, stored_exception, task_names, unlock_hint
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
 from .einfo import remembered_tracebacks
-from .errors import EndlessRetryError, UsageError, is_finite_number, is_number, is_whole_number
+from .errors import (
+    EndlessRetryError,
+    UsageError,
+    WorkerStoppedError,
+    is_finite_number,
+    is_number,
+    is_whole_number,
+)
 from .records import (
     Attempt,
     AttemptOutcome,
@@ -148,6 +157,7 @@ class RetryWorker:
         self._reports: _Reports | None = None
         self._receiver_connected = False
         self._crashes: dict[str, int] = {}
+        self._attempt_order = itertools.count(1)
 
     @property
     def clock(self) -> VirtualClock:
@@ -174,7 +184,9 @@ class RetryWorker:
         through the broker as it is, faults included. Options go to ``apply_async``. Other
         messages run as they become due meanwhile; what is left afterwards (what the task's
         last attempt sent, for instance) waits for ``run_until_idle()``. For a chain, the
-        run of its last task (without attempts if an earlier task failed).
+        run of its last task; for a chord, its callback's. A task that never ran because an
+        earlier member failed for good is a run without attempts holding the exception
+        Celery stored for it (see :meth:`canvas` for every member).
         """
         self._check_schedule(options)
         check_retry_policy(options.get("retry_policy"), "retry_policy")
@@ -197,11 +209,7 @@ class RetryWorker:
                     ) from exc
             self._work(installed, until=task_id, max_attempts=max_attempts, caller="apply")
         run = self.runs.get(task_id)
-        if run is None:
-            # A chain's last task never runs once an earlier one failed: a run without attempts.
-            last = getattr(signature, "tasks", None) or [signature]
-            run = TaskRun(task_id, last[-1].task, seed=self.settings.seed)
-        return run
+        return run if run is not None else self._never_ran(app, signature, task_id)
 
     def run_until_idle(
         self, app: Any = None, *, max_attempts: int | None = None
@@ -253,6 +261,20 @@ class RetryWorker:
                 f"{', '.join(self.runs) or 'none'}"
             ) from None
 
+    def canvas(self, result: Any) -> CanvasRun:
+        """The runs of the canvas (chain, group, chord) whose result ``result`` is.
+
+        ``result`` is what ``.delay()``/``apply_async()`` returned for it, an ``AsyncResult``
+        or a ``GroupResult``: its tree names the canvas's tasks. Read it after the worker ran
+        them (``run_until_idle()``).
+        """
+        if not isinstance(getattr(result, "id", None), str):
+            raise UsageError(
+                f"canvas({result!r}): pass the AsyncResult or GroupResult that .delay() or "
+                "apply_async() returned for the canvas"
+            )
+        return CanvasRun.from_result(result, self.runs, self.settings.seed)
+
     def run(self, task_id: str) -> TaskRun:
         """Deprecated: :meth:`task_run` (``run`` reads as running a task, as in run_until_idle)."""
         warnings.warn(
@@ -264,7 +286,9 @@ class RetryWorker:
 
     def close(self) -> None:
         for consumer in self._consumers.values():
-            consumer.close()
+            # The worker stops whatever the broker does (a hang would make its close wait).
+            with consumer.broker.suspend_faults():
+                consumer.close()
         self._consumers.clear()
         self._disconnect_receivers()
 
@@ -281,9 +305,16 @@ class RetryWorker:
                 raise UsageError(f"max_attempts={limit!r}: give a whole number of attempts >= 1")
         consumer = self._consumer(installed)
         while True:
-            if until is not None and self._finished(until):
+            if until is not None and self._finished(until) and not consumer.holds(until):
                 return
-            consumer.fetch()
+            try:
+                consumer.fetch()
+            except WorkerStoppedError as stopped:
+                # A worker started again is a new consumer, as a restarted process is.
+                del self._consumers[id(installed.app)]
+                raise WorkerStoppedError(f"{stopped}\n\n{self._limit_timelines()}") from (
+                    stopped.__cause__
+                )
             request = consumer.next_request()
             if request is None:
                 if consumer.wait_for_work():
@@ -295,6 +326,10 @@ class RetryWorker:
                 consumer.ready.appendleft(request)
                 raise EndlessRetryError(self._endless_message(run, why))
             self._execute(request, run, consumer)
+
+    def _limit_timelines(self) -> str:
+        """The timelines of the runs whose messages crossed a broker limit."""
+        return "\n\n".join(run.timeline() for run in self.runs.values() if run.limit_events)
 
     def _finished(self, task_id: str) -> bool:
         """A task is over once an attempt ended without scheduling another one."""
@@ -319,7 +354,20 @@ class RetryWorker:
             retries=int(headers.get("retries") or 0),
             started_at=self.clock.now(),
             t=self.clock.elapsed,
+            redelivered=bool((request.delivery_info or {}).get("redelivered")),
+            order=next(self._attempt_order),
         )
+        if attempt.redelivered:  # a copy that runs again was taken back and delivered again
+            attempt.duplicate_of = next(
+                (
+                    earlier.number
+                    for earlier in run.attempts
+                    if earlier.retries == attempt.retries
+                    and earlier.outcome != "worker-lost"
+                    and not earlier.requeued
+                ),
+                None,
+            )
         if run.attempts:
             _drop_tracebacks(run.attempts[-1])
         run.attempts.append(attempt)
@@ -368,6 +416,9 @@ class RetryWorker:
             run.lost = True
             attempt.note = "retry not published: Celery rejected the message, the task is lost"
         self._record_rate_limit(attempt, request, consumer)
+        if attempt.duplicate_of is not None:
+            note = f"duplicate: attempt {attempt.duplicate_of} ran this retry already"
+            attempt.note = f"{attempt.note}; {note}" if attempt.note else note
 
     @staticmethod
     def _record_reports(attempt: Attempt, reports: _Reports) -> None:
@@ -449,14 +500,20 @@ class RetryWorker:
     def _run_for(self, request: Any) -> TaskRun:
         run = self.runs.get(request.id)
         if run is None:
-            run = self.runs[request.id] = TaskRun(request.id, request.name, seed=self.settings.seed)
+            run = self.runs[request.id] = TaskRun(
+                request.id,
+                request.name,
+                seed=self.settings.seed,
+                parent_id=request.parent_id,
+                link_error=task_names(request.errbacks),
+            )
         return run
 
     def _consumer(self, installed: AppInstallation) -> Consumer:
         consumer = self._consumers.get(id(installed.app))
         if consumer is None:
             consumer = self._consumers[id(installed.app)] = Consumer(
-                installed, self.events, self._on_settled
+                installed, self.events, self._on_settled, self._on_limit
             )
         return consumer
 
@@ -474,6 +531,12 @@ class RetryWorker:
             reports.requeued = True
         elif action.endswith(" failed"):
             reports.failed_settlement = action[: -len(" failed")]
+
+    def _on_limit(self, event: MessageEvent) -> None:
+        """The consumer's callback: the broker acted on a message held past its limit."""
+        run = self.runs.get(event.task_id)
+        if run is not None:
+            run.limit_events.append(event)
 
     def _on_postrun(
         self, task_id: str | None = None, retval: Any = None, state: str | None = None, **_: Any
@@ -559,16 +622,34 @@ class RetryWorker:
                 del task.serializer
             task._exec_options = None
 
+    def _never_ran(self, app: Any, signature: Any, task_id: str) -> TaskRun:
+        """The run of a canvas's task that never ran: what the result backend holds for it.
+
+        Celery fails a chain's later tasks, or a chord's callback, in the result backend when
+        a member fails for good; anything else (a lost member, no backend) is refused.
+        """
+        name = _final_signature(signature).task
+        exc = stored_exception(app.AsyncResult(task_id))
+        if exc is None:
+            raise UsageError(
+                f"apply({signature!r}): no task ran under the id it returns ({name}[{task_id}]) "
+                "and the result backend holds no outcome for it. Publish the canvas with "
+                ".delay() instead, run it with retry_worker.run_until_idle(), and read "
+                "retry_worker.canvas(result) for every member's run"
+            )
+        return TaskRun(task_id, name, seed=self.settings.seed, stored_exception=exc)
+
     def _signature(
         self, task: Any, args: Any, kwargs: dict[str, Any] | None, options: dict[str, Any]
     ) -> Any:
         from celery.canvas import Signature, group
 
-        if isinstance(task, group):
+        if isinstance(task, Signature) and isinstance(_final_signature(task), group):
+            what = "a group" if isinstance(task, group) else "a canvas that ends with a group"
             raise UsageError(
-                "apply(group(...)): a group has no run of its own. Publish it with "
-                "group(...).delay() (request the flaky_broker fixture first) and run its tasks "
-                "with retry_worker.run_until_idle()"
+                f"apply({task!r}): {what} has no single run to return. Publish it with "
+                ".delay() (request the flaky_broker fixture first), run its tasks with "
+                "retry_worker.run_until_idle(), and read retry_worker.canvas(result)"
             )
         if isinstance(task, str):
             raise UsageError(
@@ -675,10 +756,24 @@ class RetryWorker:
         doing = "retrying" if last is not None and last.retry_published else "delivered again"
         return (
             f"{run.task_name}[{run.task_id}] was still {doing} after {len(run.attempts)} "
-            f"attempts: {why}. If more attempts are intended, raise the limit: "
+            f"attempts: {why}.{unlock_hint(run)}. If more attempts are intended, raise the limit: "
             "retry_worker.apply(..., max_attempts=N), --celery-retry-max-attempts=N or the ini "
             f"option celery_retry_max_attempts.\n{tail}"
         )
+
+
+def _final_signature(signature: Any) -> Any:
+    """The part of a canvas whose result ``apply_async`` returns: a chain's last task, a
+    chord's callback (a group stays a group)."""
+    from celery.canvas import _chain, chord
+
+    while True:
+        if isinstance(signature, _chain) and signature.tasks:
+            signature = signature.tasks[-1]
+        elif isinstance(signature, chord):
+            signature = signature.body
+        else:
+            return signature
 
 
 @dataclass

@@ -21,7 +21,12 @@ from typing import Any
 
 import pytest
 from conftest import rabbitmq_node_lock, real_broker_url
+from hang_cases import CASES as HANG_CASES
+from hang_cases import HangCase
+from hang_cases import configure as configure_hang
+from hang_cases import publish as hang_publish
 from kombu.exceptions import OperationalError
+from limits_figures import RABBITMQ, REDIS, RabbitClose, RedisCopies
 from test_real_brokers import SWEEP_OPTIONS_WORK, start_worker, wait_until
 
 from pytest_celery_retry.proxy import BrokerProxy
@@ -119,17 +124,30 @@ def new_name() -> str:
 # queue every entry older than visibility_timeout, marked redelivered. The worker still holds
 # the first copy for its ETA and now receives the restored one, holds it too, and so on: every
 # copy runs at the ETA. 1.5 s between two 1 s sweeps: a copy is restored at the second sweep
-# after its delivery, so copies come 2 s apart and a 5 s countdown runs 3 times.
-VISIBILITY = {
-    "visibility_timeout": 1.5,
-    "unacked_restore_interval": 1,
-    "unacked_restore_throttle": 1,
-}
+# after its delivery, so copies come 2 s apart and a 5 s countdown runs 3 times. The figures
+# are those the simulation reproduces (limits_figures.py).
+REDIS_CASES = [
+    ("countdown-5-vt-1.5", False),
+    ("countdown-5-vt-1.5", True),
+    ("countdown-9-vt-2", False),
+]
+
+
+def near(measured: float, simulated: float, late_by: float) -> bool:
+    """A real time is the simulated one, or up to ``late_by`` later (a sweep or a tick's
+    phase: the real worker's timers do not start with the task), give or take 0.3 s."""
+    return simulated - 0.3 <= measured <= simulated + late_by + 0.5
 
 
 @real_broker
-@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks-late"])
-def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(acks_late: bool) -> None:
+@pytest.mark.parametrize(
+    ("figures", "acks_late"),
+    [(REDIS[name], acks_late) for name, acks_late in REDIS_CASES],
+    ids=[f"{name}-{'acks-late' if late else 'early-ack'}" for name, late in REDIS_CASES],
+)
+def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(
+    figures: RedisCopies, acks_late: bool
+) -> None:
     queue = new_name()
     # Our own unacked keys: a 1.5 s sweep of kombu's shared ones would restore messages that
     # other tests' workers hold on this Redis.
@@ -137,28 +155,34 @@ def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(acks_lat
         f"unacked{suffix}_key": f"{queue}-unacked{suffix}" for suffix in ("", "_index", "_mutex")
     }
     app = real_app(
-        "redis", task_acks_late=acks_late, broker_transport_options={**VISIBILITY, **keys}
+        "redis",
+        task_acks_late=acks_late,
+        broker_transport_options={**figures.transport_options, **keys},
     )
     try:
-        with recording(app, countdown=5) as recorder, start_worker(app, queue):
+        with recording(app, countdown=figures.countdown) as recorder, start_worker(app, queue):
             recorder.started = time.monotonic()
             app.tasks["waits"].apply_async(queue=queue)
-            assert wait_until(lambda: len(recorder.runs) >= 4, 10), recorder.runs
+            timeout = figures.countdown + 5
+            assert wait_until(lambda: len(recorder.runs) > figures.runs, timeout), recorder.runs
             time.sleep(1.0)  # room for another copy to show up
     finally:
         forget("redis", queue, *keys.values())
     first, *retried = recorder.runs
     assert first.retries == 0
-    # One task id, three runs of its retry, all at the ETA: the original and two restored copies.
-    assert [run.retries for run in retried] == [1, 1, 1], recorder.runs
+    # One task id, one run of its retry per copy, all at the ETA: the original and the
+    # restored copies.
+    assert [run.retries for run in retried] == [1] * figures.runs, recorder.runs
     assert {run.task_id for run in recorder.runs} == {first.task_id}
-    assert sorted(run.redelivered for run in retried) == [False, True, True]
-    assert all(run.t == pytest.approx(5, abs=0.5) for run in retried), recorder.runs
+    assert sorted(run.redelivered for run in retried) == sorted(figures.redelivered)
+    assert all(run.t == pytest.approx(figures.countdown, abs=0.5) for run in retried), retried
     held = recorder.retries(recorder.received)
-    assert [copy.redelivered for copy in held] == [False, True, True], recorder.received
-    assert held[0].t < 0.5
-    assert 1.5 <= held[1].t <= 3.0, recorder.received  # the first sweep past 1.5 s
-    assert held[2].t - held[1].t == pytest.approx(2, abs=0.5), recorder.received
+    assert [copy.redelivered for copy in held] == figures.redelivered, recorder.received
+    sweep = figures.transport_options["unacked_restore_interval"]
+    assert all(near(copy.t, simulated, sweep) for copy, simulated in zip(held, figures.received)), (
+        held,
+        figures.received,
+    )
 
 
 if not SWEEP_OPTIONS_WORK:  # kombu < 5.7 sweeps every 100 s: see benchmarks/broker_limits_oracle.py
@@ -166,8 +190,11 @@ if not SWEEP_OPTIONS_WORK:  # kombu < 5.7 sweeps every 100 s: see benchmarks/bro
 
 
 # -- 2. RabbitMQ: a countdown longer than consumer_timeout (celery#6760) --------------------
-CONSUMER_TIMEOUT_MS = 2000  # above the 1 s a task of the other real-broker tests holds
-TICK_MS = 1000  # the channel checks consumer_timeout on its tick: 60 s by default
+# consumer_timeout 2 s, above the 1 s a task of the other real-broker tests holds; the
+# channel checks it on its tick (1 s here, 60 s by default).
+DEFAULT = RABBITMQ["default-countdown-6"]
+CONSUMER_TIMEOUT_MS = round(DEFAULT.consumer_timeout * 1000)
+TICK_MS = round(DEFAULT.tick * 1000)
 
 
 def rabbitmqctl(*arguments: str) -> str:
@@ -265,7 +292,7 @@ def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptu
     app = real_app("amqp")
     with rabbit_node_settings(consumer_timeout=CONSUMER_TIMEOUT_MS, channel_tick_interval=TICK_MS):
         try:
-            with recording(app, countdown=6) as recorder, start_worker(app, queue):
+            with recording(app, countdown=DEFAULT.countdown) as recorder, start_worker(app, queue):
                 recorder.started = time.monotonic()
                 app.tasks["waits"].apply_async(queue=queue)
                 assert wait_until(lambda: "Unrecoverable error" in caplog.text, 6), caplog.text
@@ -276,35 +303,48 @@ def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptu
     # Closed at the first tick past the timeout: 2 s + up to 1 s (measured 2.99 s), later on a
     # loaded machine.
     assert len(crashed) == 1 and 2 <= crashed[0] <= 4.5, crashed
-    assert [run.retries for run in recorder.runs] == [0]
-    assert left == 1  # RabbitMQ requeued the retry; nobody consumes it
+    assert near(crashed[0], DEFAULT.closes[0], DEFAULT.tick), crashed
+    assert len(recorder.runs) - 1 == DEFAULT.retry_runs, recorder.runs
+    assert left == DEFAULT.left_in_queue  # RabbitMQ requeued the retry; nobody consumes it
+
+
+RETRY_CASES = ["retry-countdown-5", "retry-countdown-8"]
 
 
 @real_broker
 @pytest.mark.own_rabbitmq_node_lock
+@pytest.mark.parametrize("figures", [RABBITMQ[name] for name in RETRY_CASES], ids=RETRY_CASES)
 def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
-    caplog: pytest.LogCaptureFixture,
+    figures: RabbitClose, caplog: pytest.LogCaptureFixture
 ) -> None:
     queue = new_name()
     app = real_app("amqp", broker_channel_error_retry=True)
-    with rabbit_node_settings(consumer_timeout=CONSUMER_TIMEOUT_MS, channel_tick_interval=TICK_MS):
+    with rabbit_node_settings(
+        consumer_timeout=round(figures.consumer_timeout * 1000),
+        channel_tick_interval=round(figures.tick * 1000),
+    ):
         try:
-            with recording(app, countdown=5) as recorder, start_worker(app, queue):
+            with recording(app, countdown=figures.countdown) as recorder, start_worker(app, queue):
                 recorder.started = time.monotonic()
                 app.tasks["waits"].apply_async(queue=queue)
-                assert wait_until(lambda: len(recorder.runs) == 2, 9), recorder.runs
+                assert wait_until(lambda: len(recorder.runs) == 2, figures.countdown + 4), (
+                    recorder.runs
+                )
                 time.sleep(1.0)  # room for a duplicate
         finally:
             left = forget("amqp", queue)
     lost = log_times(caplog, recorder.started, "Connection to broker lost")
     assert "PRECONDITION_FAILED" in caplog.text
-    assert lost and 2 <= lost[0] <= 4.5, lost
+    # Each reconnect opens a channel whose ticks start then: the closes come a timeout plus a
+    # tick apart (measured 3.0 and 6.01 s with countdown 8).
+    assert len(lost) == len(figures.closes), lost
+    assert all(near(t, close, figures.tick) for t, close in zip(lost, figures.closes)), lost
     # RabbitMQ redelivers the one message it took back: no duplicate, unlike Redis.
     first, retried = recorder.runs
     assert (first.retries, retried.retries, retried.redelivered) == (0, 1, True)
-    assert retried.t == pytest.approx(5, abs=0.5)
+    assert retried.t == pytest.approx(figures.countdown, abs=0.5)
     assert "Unrecoverable error" not in caplog.text
-    assert left == 0
+    assert left == figures.left_in_queue
 
 
 @real_broker
@@ -332,27 +372,27 @@ def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptur
 
 
 # -- 4. A broker that hangs instead of refusing (celery#4296, #6911, #4627, kombu#902) ------
-# broker_proxy.blackhole() accepts connections and never answers, and stalls open ones.
-POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+# broker_proxy.blackhole() accepts connections and never answers, and stalls open ones. The
+# publish cases are hang_cases.py's: test_hanging_broker.py runs the same on the virtual clock.
 
 
-def timed_publish(app: Any, queue: str, **options: Any) -> tuple[float, BaseException | None]:
+def timed_publish(app: Any, case: HangCase, queue: str) -> tuple[float, BaseException | None]:
     started = time.monotonic()
     try:
-        app.send_task("foo.task", queue=queue, retry_policy=POLICY, **options)
+        hang_publish(app, case, queue)
     except Exception as exc:
         return time.monotonic() - started, exc
     return time.monotonic() - started, None
 
 
-def still_blocked(app: Any, queue: str, proxy: BrokerProxy, **options: Any) -> tuple[bool, float]:
+def still_blocked(app: Any, case: HangCase, queue: str, proxy: BrokerProxy) -> tuple[bool, float]:
     """Whether a publish is still blocked after 2 s, and how long it takes once the proxy
     restores (a blackholed connection closes then; a stalled one resumes)."""
     done = threading.Event()
 
     def publish() -> None:
         with contextlib.suppress(Exception):
-            app.send_task("foo.task", queue=queue, retry_policy=POLICY, **options)
+            hang_publish(app, case, queue)
         done.set()
 
     threading.Thread(target=publish, daemon=True).start()
@@ -372,90 +412,46 @@ def hang_config(app: Any, **transport_options: Any) -> None:
     )
 
 
-@real_broker
-def test_redis_publish_into_a_hang_fails_at_socket_timeout(
-    broker_proxy: ProxyFactory, app: Any
-) -> None:
-    proxy = broker_proxy("redis")
-    hang_config(app, socket_timeout=1, socket_connect_timeout=1)
+def publish_into_a_blackhole(proxy: BrokerProxy, app: Any, case: HangCase) -> list[str]:
+    """Run one case through a new proxy; what differs from the case's expectations."""
+    configure_hang(app, case)
     queue = new_name()
     try:
+        if case.pooled:
+            app.send_task("foo.task", queue=queue)
         proxy.blackhole()
-        fresh = timed_publish(app, queue, retry=False)
-        proxy.restore()
-        app.send_task("foo.task", queue=queue)  # a pooled connection that now hangs
-        proxy.blackhole()
-        attempts_before = len(proxy.connection_attempts)
-        established = timed_publish(app, queue, retry=True)
-        reconnects = len(proxy.connection_attempts) - attempts_before
+        before = len(proxy.connections)
+        if case.blocks_for_ever:
+            blocked, after_restore = still_blocked(app, case, queue, proxy)
+            return [] if blocked and after_restore < 1.5 else [f"returned ({after_restore=})"]
+        took, error = timed_publish(app, case, queue)
+        connects = len(proxy.connections) - before
     finally:
         proxy.restore()
-        forget("redis", queue)
-    # The TCP connect succeeds; the first reply never comes: socket_timeout decides.
-    took, error = fresh
-    assert isinstance(error, OperationalError) and "Timeout reading from socket" in str(error)
-    assert took == pytest.approx(1, abs=0.5)
-    # With retry=True each of the policy's 1 + 2 tries waits out socket_timeout again (plus
-    # the intervals): about 4.2 s, through 3 new connections.
-    took, error = established
-    assert isinstance(error, OperationalError), error
-    assert 3.5 <= took <= 6, took
-    assert reconnects == 3, proxy.timeline()
-
-
-@real_broker
-def test_redis_without_socket_timeout_waits_for_ever(broker_proxy: ProxyFactory, app: Any) -> None:
-    # socket_connect_timeout bounds the TCP connect only, and broker_connection_timeout does
-    # not reach redis-py's reads: kombu's default socket_timeout (None) waits for ever.
-    proxy = broker_proxy("redis")
-    hang_config(app, socket_connect_timeout=1)
-    queue = new_name()
-    try:
-        proxy.blackhole()
-        blocked, after_restore = still_blocked(app, queue, proxy, retry=False)
-    finally:
-        proxy.restore()
-        forget("redis", queue)
-    assert blocked
-    assert after_restore < 1.5
+        forget(case.broker, queue)
+    wrong = []
+    if case.error is None:
+        wrong += [f"raised {error!r}"] if error is not None else []
+    elif not isinstance(error, OperationalError) or str(error) != case.error:
+        wrong.append(f"raised {error!r}, not OperationalError({case.error!r})")
+    # Real time: a little later than the virtual figure, more on a loaded machine.
+    if not case.seconds - 0.05 <= took <= case.seconds + 1.5:
+        wrong.append(f"took {took:.3f} s, simulated {case.seconds} s")
+    if connects != case.connects:
+        wrong.append(f"{connects} new connections, simulated {case.connects}")
+    return wrong
 
 
 @real_broker
-def test_amqp_publish_into_a_hang(broker_proxy: ProxyFactory, app: Any) -> None:
-    proxy = broker_proxy("amqp")
-    hang_config(app, confirm_publish=True)
-    queue = new_name()
-    try:
-        proxy.blackhole()
-        attempts_before = len(proxy.connection_attempts)
-        fresh = timed_publish(app, queue, retry=True)
-        fresh_connects = len(proxy.connection_attempts) - attempts_before
-        proxy.restore()
-        app.send_task("foo.task", queue=queue)
-        proxy.blackhole()
-        established = timed_publish(app, queue, retry=True, confirm_timeout=1)
-        proxy.restore()
-        app.send_task("foo.task", queue=queue)  # the failed retries left no connection
-        proxy.blackhole()
-        blocked, after_restore = still_blocked(app, queue, proxy, retry=False, confirm_timeout=1)
-    finally:
-        proxy.restore()
-        forget("amqp", queue)
-    # A fresh connection: py-amqp's handshake times out at broker_connection_timeout, which
-    # also caps kombu's connect retries: one try, whatever the policy.
-    took, error = fresh
-    assert isinstance(error, OperationalError) and str(error) == "timed out", error
-    assert took == pytest.approx(1, abs=0.5)
-    assert fresh_connects == 1, proxy.timeline()
-    # A connection that hangs: confirm_timeout ends the wait for the confirm, then each retry
-    # times out at broker_connection_timeout: about 4.2 s.
-    took, error = established
-    assert isinstance(error, OperationalError) and str(error) == "timed out", error
-    assert 3.5 <= took <= 6, took
-    # retry=False: the confirm times out after 1 s, but kombu then returns the connection to
-    # the pool by closing its channel, and py-amqp waits for Close-Ok without a timeout.
-    assert blocked
-    assert after_restore < 1.5
+@pytest.mark.parametrize("kind", ["redis", "amqp"], ids=["redis", "amqp"])
+def test_publish_into_a_hang_as_simulated(kind: str, broker_proxy: ProxyFactory, app: Any) -> None:
+    wrong = {}
+    for param in HANG_CASES:
+        (case,) = param.values
+        if case.broker == kind:
+            # A proxy of its own: the app's pool starts afresh.
+            wrong[param.id] = publish_into_a_blackhole(broker_proxy(kind), app, case)
+    assert not any(wrong.values()), wrong
 
 
 @real_broker

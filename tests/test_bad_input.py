@@ -193,13 +193,21 @@ def test_broker_outage_marker_values(pytester):
         def test_no_kind():
             pass
 
+        @pytest.mark.broker_outage(fail_next=1, how="hang")
+        def test_how_without_an_outage():
+            pass
+
+        @pytest.mark.broker_outage(seconds=3, how="slow")
+        def test_unknown_how():
+            pass
+
         @pytest.mark.broker_outage(down=False)
         def test_not_down(flaky_broker):
             assert not flaky_broker.is_down
         """
     )
     result = pytester.runpytest("-p", "no:randomly")
-    result.assert_outcomes(passed=1, errors=5)
+    result.assert_outcomes(passed=1, errors=7)
     result.stdout.fnmatch_lines_random(
         [
             "*UsageError: @pytest.mark.broker_outage: outage(seconds=0): an outage lasts a*",
@@ -208,6 +216,8 @@ def test_broker_outage_marker_values(pytester):
             "*UsageError: @pytest.mark.broker_outage: give one of fail_next=, seconds= or "
             "down=True, not fail_next and seconds",
             "*UsageError: @pytest.mark.broker_outage: on=None: a fault applies to*",
+            "*UsageError: @pytest.mark.broker_outage: how= goes with seconds= or down=True*",
+            "*UsageError: @pytest.mark.broker_outage: outage(how='slow'): choose 'refuse'*",
         ]
     )
 
