@@ -373,7 +373,7 @@ def broker_proxy(
                 f"no real {kind} broker: set {variable} (or --celery-retry-{kind}-url), "
                 f"e.g. {variable}={flavor.example_url}"
             )
-        proxy = BrokerProxy(url)
+        proxy = BrokerProxy(url, seed=pytestconfig.stash[SETTINGS].seed)
         proxies.append(proxy)
         proxy.start()
         if not patches:
