@@ -3,6 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python benchmarks/bench.py
+    .venv/bin/python benchmarks/bench.py explore   # (h) alone
 
 Every ratio compares two things measured as alternating pairs in one process (the second
 right after the first, PAIRS times), in CPU time (``time.process_time``, which freezegun leaves
@@ -15,6 +16,7 @@ own module alone.
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import functools
 import gc
@@ -36,6 +38,8 @@ import freezegun.api
 
 STARTUP_RUNS = 15
 PAIRS = 9
+EXPLORE_PAIRS = 3
+EXPLORE_EXAMPLES = 200
 PER_TEST_ROUNDS = 40
 # Whose code a profiled function is, by the package its file lives in. Standard-library and
 # built-in functions are charged to whoever called them (see ``charge_to_owners``).
@@ -107,6 +111,21 @@ def make_app() -> Any:
     def hourly() -> None:
         raise ConnectionError("still down")
 
+    @app.task(name="foo.task", bind=True, max_retries=3, shared=False)  # type: ignore[untyped-decorator]
+    def seed_task(self: Any) -> None:
+        """The seed's task: countdowns 1, 3, 9 s, then MaxRetriesExceededError."""
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            self.retry(countdown=3**self.request.retries)
+
+    # The seed's publish policy, which the retries go out with.
+    app.conf.task_publish_retry_policy = {
+        "max_retries": 3,
+        "interval_start": 3,
+        "interval_step": 1,
+        "interval_max": 6,
+    }
     return app
 
 
@@ -236,6 +255,80 @@ def memory_by_part(app: Any, n: int) -> tuple[float, list[tuple[str, float]]]:
             tracemalloc.stop()
 
     return with_worker(body)  # type: ignore[no-any-return]
+
+
+def explore_seed_task(app: Any, kinds: tuple[str, ...]) -> tuple[float, int]:
+    """CPU seconds for a property of the seed task (no task lost) over up to
+    EXPLORE_EXAMPLES fault schedules of ``kinds``, and how many examples ran. Where it fails,
+    the figure includes shrinking the failure."""
+    from hypothesis import HealthCheck, given, settings
+
+    from pytest_celery_retry import FaultSchedule, assert_no_task_lost
+    from pytest_celery_retry.explorer import FaultExplorer
+    from pytest_celery_retry.session import Settings
+    from pytest_celery_retry.strategies import fault_schedules
+
+    explorer = FaultExplorer(Settings())
+    task = app.tasks["foo.task"]
+
+    @settings(
+        max_examples=EXPLORE_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(schedule=fault_schedules(kinds=kinds, horizon=30))
+    def never_lost(schedule: FaultSchedule) -> None:
+        with explorer.example(schedule, app=app) as (worker, _):
+            worker.apply(task)
+            assert_no_task_lost(worker)
+
+    started = cpu()
+    # Found and shrunk where it fails: the seed task is lost to four failed publishes in a row.
+    with contextlib.suppress(AssertionError):
+        never_lost()
+    return cpu() - started, explorer.examples
+
+
+def explore_figures(app: Any) -> None:
+    """(h): a property over EXPLORE_EXAMPLES schedules of the seed task, in CPU time."""
+    import logging
+
+    kinds = {
+        "outages only: holds over every schedule": ("outage",),
+        "every broker fault: fails, found and shrunk": (
+            "outage",
+            "connect",
+            "publish",
+            "consume",
+            "ack",
+        ),
+    }
+    examples: dict[str, int] = {}
+
+    def measure(label: str) -> float:
+        seconds, examples[label] = explore_seed_task(app, kinds[label])
+        return seconds
+
+    # Celery logs each failed retry and reconnect: thousands of lines, not what is measured.
+    logging.disable(logging.CRITICAL)
+    try:
+        measures = [functools.partial(measure, label) for label in kinds]
+        figures = pairs(*measures, count=EXPLORE_PAIRS)
+    finally:
+        logging.disable(logging.NOTSET)
+    print(
+        f"\n(h) the seed task, no task lost, over up to {EXPLORE_EXAMPLES} fault schedules: "
+        f"CPU per property ({EXPLORE_PAIRS} pairs; target: a few seconds)"
+    )
+    rows = []
+    for (label, ran), seconds in zip(examples.items(), figures):
+        rows += [
+            (f"{label} ({ran} examples)", spread(seconds, lambda x: f"{x:.2f} s")),
+            ("  per example", spread([x / ran for x in seconds], ms)),
+        ]
+    print(table(rows))
 
 
 def _drop_exceptions(run: Any) -> None:
@@ -711,6 +804,7 @@ def main() -> None:
         ]
     rows.append(("modules loaded at start-up", loaded or "none of celery, kombu, freezegun"))
     print(table(rows))
+    explore_figures(app)
     load_after = os.getloadavg()
     print(
         f"\nload average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_before)} before, "
@@ -719,4 +813,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["explore"]:
+        explore_figures(make_app())
+    else:
+        main()

@@ -12,7 +12,7 @@ import pytest
 
 __version__ = "0.1.0"
 
-pytest.register_assert_rewrite("pytest_celery_retry.assertions")
+pytest.register_assert_rewrite("pytest_celery_retry.assertions", "pytest_celery_retry.invariants")
 
 from .assertions import (  # noqa: E402  (after the rewrite hook is registered)
     assert_backoff,
@@ -33,6 +33,13 @@ from .errors import (  # noqa: E402
     UsageError,
     WorkerStoppedError,
 )
+from .faults import FaultSchedule, OperationFault, Outage, WorkerCrash  # noqa: E402
+from .invariants import (  # noqa: E402
+    PublishOutcome,
+    assert_finishes_within,
+    assert_no_task_lost,
+    assert_publish_succeeds_or_raises,
+)
 from .records import (  # noqa: E402
     Attempt,
     BrokerOperation,
@@ -50,6 +57,7 @@ from .records import (  # noqa: E402
 
 if TYPE_CHECKING:
     from .broker import BrokerDownError, InMemoryBroker
+    from .explorer import FaultExplorer
     from .proxy import BrokerProxy
     from .worker import ArgumentEncodeError, RetryWorker
 
@@ -58,6 +66,7 @@ _LAZY = {
     "ArgumentEncodeError": "worker",
     "BrokerDownError": "broker",
     "BrokerProxy": "proxy",
+    "FaultExplorer": "explorer",
     "InMemoryBroker": "broker",
     "RetryWorker": "worker",
 }
@@ -86,9 +95,14 @@ __all__ = [
     "ConnectionAttempt",
     "DeliveredMessage",
     "EndlessRetryError",
+    "FaultExplorer",
+    "FaultSchedule",
     "InMemoryBroker",
     "MessageEvent",
+    "OperationFault",
+    "Outage",
     "ProxyEvent",
+    "PublishOutcome",
     "PublishRecord",
     "Redelivery",
     "RetryWorker",
@@ -98,12 +112,16 @@ __all__ = [
     "UnackedMessage",
     "UsageError",
     "VirtualClock",
+    "WorkerCrash",
     "WorkerStoppedError",
     "__version__",
     "assert_backoff",
+    "assert_finishes_within",
     "assert_fits_broker_limits",
+    "assert_no_task_lost",
     "assert_not_retried",
     "assert_publish_retries",
+    "assert_publish_succeeds_or_raises",
     "assert_retried",
     "assert_side_effect",
 ]

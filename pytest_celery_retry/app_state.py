@@ -17,6 +17,7 @@ from .errors import ConfigurationError, UsageError
 
 __all__ = [
     "AppPatch",
+    "app_from_spec",
     "check_retry_policy",
     "forget_tracers",
     "hook_celery",
@@ -125,6 +126,18 @@ def forget_tracers(app: Any) -> None:
     for task in list(app._tasks.values()):  # app.tasks would finalize the app
         if getattr(task, "__trace__", None) is not None:
             task.__trace__ = None
+
+
+def app_from_spec(spec: str) -> Any:
+    """The app an ini value ``module:attribute`` names (``celery_retry_app``)."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise UsageError(
+            f"celery_retry_app = {spec!r}: write it as module:attribute, e.g. proj.celery:app"
+        )
+    return getattr(importlib.import_module(module_name), attribute)
 
 
 def check_retry_policy(policy: Any, source: str) -> None:

@@ -202,6 +202,40 @@ def assert_publish_retries(
         )
 
 
+def assert_side_effect(
+    effect: SideEffect, times: int | None = None, *, at_most: int | None = None
+) -> None:
+    """The tracked function was called exactly ``times`` times (or at most ``at_most``)."""
+    __tracebackhide__ = True
+    if not isinstance(effect, SideEffect):
+        raise TypeError(
+            "assert_side_effect() checks what retry_worker.track(target, 'attribute') returned, "
+            f"got {type(effect).__name__}"
+        )
+    if (times is None) == (at_most is None):
+        raise UsageError(
+            "assert_side_effect(effect, times=N) or assert_side_effect(effect, at_most=N): "
+            "give one of them"
+        )
+    bound = times if times is not None else at_most
+    if bound is None or not is_whole_number(bound) or bound < 0:
+        keyword = "times" if times is not None else "at_most"
+        raise UsageError(
+            f"assert_side_effect({keyword}={bound!r}): how many calls, a whole number >= 0"
+        )
+    count = effect.count
+    if count == times or (at_most is not None and count <= at_most):
+        return
+    tasks = len(effect.task_ids)
+    from_tasks = f" from {tasks} task id(s)" if tasks else ""
+    expected = f"exactly {times}" if times is not None else f"at most {at_most}"
+    _fail(
+        f"expected {effect.name} to be called {expected} time(s), it was called {count} "
+        f"time(s){from_tasks}",
+        effect.timeline(),
+    )
+
+
 def assert_fits_broker_limits(schedule: Any, broker: Any) -> None:
     """Every retry of ``schedule`` waits within what the broker lets a worker hold.
 
@@ -290,40 +324,6 @@ def _held_limit_of(broker: Any) -> tuple[HeldLimit | None, Any, str]:
     raise TypeError(
         "assert_fits_broker_limits(schedule, broker): pass flaky_broker (its flavour and "
         f"settings) or a Celery app (its broker_url), got {type(broker).__name__}"
-    )
-
-
-def assert_side_effect(
-    effect: SideEffect, times: int | None = None, *, at_most: int | None = None
-) -> None:
-    """The tracked function was called exactly ``times`` times (or at most ``at_most``)."""
-    __tracebackhide__ = True
-    if not isinstance(effect, SideEffect):
-        raise TypeError(
-            "assert_side_effect() checks what retry_worker.track(target, 'attribute') returned, "
-            f"got {type(effect).__name__}"
-        )
-    if (times is None) == (at_most is None):
-        raise UsageError(
-            "assert_side_effect(effect, times=N) or assert_side_effect(effect, at_most=N): "
-            "give one of them"
-        )
-    bound = times if times is not None else at_most
-    if bound is None or not is_whole_number(bound) or bound < 0:
-        keyword = "times" if times is not None else "at_most"
-        raise UsageError(
-            f"assert_side_effect({keyword}={bound!r}): how many calls, a whole number >= 0"
-        )
-    count = effect.count
-    if count == times or (at_most is not None and count <= at_most):
-        return
-    tasks = len(effect.task_ids)
-    from_tasks = f" from {tasks} task id(s)" if tasks else ""
-    expected = f"exactly {times}" if times is not None else f"at most {at_most}"
-    _fail(
-        f"expected {effect.name} to be called {expected} time(s), it was called {count} "
-        f"time(s){from_tasks}",
-        effect.timeline(),
     )
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from queue import Queue
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from kombu import serialization
 from kombu.exceptions import OperationalError
@@ -54,6 +54,9 @@ from .records import (
     format_table,
     parse_eta,
 )
+
+if TYPE_CHECKING:
+    from .faults import FaultSchedule
 
 __all__ = ["OPERATIONS", "BrokerDownError", "InMemoryBroker", "OutageMode", "PublishAnnouncements"]
 
@@ -88,9 +91,11 @@ class _Fault:
     error: ExceptionFactory | None
     rate: float = 1.0
     rng: random.Random | None = None
+    # The virtual time from which the fault applies (fail_next(starting_in=...)).
+    active_from: float = 0.0
 
-    def fires(self, kind: str) -> bool:
-        if kind not in self.on or self.remaining == 0:
+    def fires(self, kind: str, now: float) -> bool:
+        if kind not in self.on or self.remaining == 0 or now < self.active_from:
             return False
         if self.skip:
             self.skip -= 1
@@ -156,12 +161,13 @@ class InMemoryBroker:
         # The app the broker is installed on (its transport options), once installed.
         self.app: Any = None
         self._faults: list[_Fault] = []
+        # The FaultSchedule applied to it, if any: invariants print it when they fail.
+        self.fault_schedule: FaultSchedule | None = None
         self._down = False
         self._down_how: OutageMode = "refuse"
         self._down_since = 0.0  # when down() began, for BrokerDownError
-        self._down_from = 0.0
-        self._down_until: float | None = None
-        self._outage_how: OutageMode = "refuse"
+        # Each scheduled outage(): from, until (virtual seconds), and how the broker is away.
+        self._outages: list[tuple[float, float, OutageMode]] = []
         # Publishes a hung RabbitMQ left in the socket's buffer.
         self._stalled: list[_Stalled] = []
         # When each down() or outage() began (or begins): it cuts the connections open then.
@@ -186,8 +192,12 @@ class InMemoryBroker:
         on: str | Iterable[str] = "connect",
         exc: BaseException | type[BaseException] | None = None,
         after: int = 0,
+        starting_in: float = 0,
     ) -> None:
-        """Make the next ``n`` operations of kind ``on`` fail (after letting ``after`` pass)."""
+        """Make the next ``n`` operations of kind ``on`` fail (after letting ``after`` pass).
+
+        With ``starting_in``, only operations from that many virtual seconds on count.
+        """
         if not is_whole_number(n) or n < 0:
             raise UsageError(
                 f"fail_next(n={n!r}): n is how many operations fail, a whole number >= 0 "
@@ -195,7 +205,8 @@ class InMemoryBroker:
             )
         if not is_whole_number(after) or after < 0:
             raise UsageError(f"fail_next(after={after!r}): after must be a whole number >= 0")
-        self._faults.append(_Fault(_kinds(on), n, after, _error_factory(exc)))
+        start = self._start("fail_next", starting_in)
+        self._faults.append(_Fault(_kinds(on), n, after, _error_factory(exc), active_from=start))
 
     def fail_randomly(
         self,
@@ -234,10 +245,10 @@ class InMemoryBroker:
         self.down(how="hang")
 
     def up(self) -> None:
-        """End :meth:`down`, :meth:`hang`, an outage, and every pending fault."""
+        """End :meth:`down`, :meth:`hang`, every outage, and every pending fault."""
         self._deliver_stalled(ended=True)
         self._down = False
-        self._down_until = None
+        self._outages.clear()
         self._faults.clear()
 
     def outage(self, seconds: float, starting_in: float = 0, how: OutageMode = "refuse") -> None:
@@ -248,17 +259,23 @@ class InMemoryBroker:
                 f"outage(seconds={seconds!r}): an outage lasts a positive, finite number of "
                 "virtual seconds (down() is a broker that stays down)"
             )
-        if not is_finite_number(starting_in) or starting_in < 0:
-            raise UsageError(
-                f"outage(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
-            )
+        start = self._start("outage", starting_in)
         _check_how(how, "outage")
         self._deliver_stalled()
-        self._down_from = self.clock.elapsed + starting_in
-        self._down_until = self._down_from + seconds
-        self._outage_how = how
+        self._outages.append((start, start + seconds, how))
         if how == "refuse":
-            self._outage_starts.append((self._down_from, next(self._events)))
+            self._outage_starts.append((start, next(self._events)))
+
+    def _start(self, method: str, starting_in: float) -> float:
+        if not is_finite_number(starting_in) or starting_in < 0:
+            raise UsageError(
+                f"{method}(starting_in={starting_in!r}): give the virtual seconds from now, >= 0"
+            )
+        return self.clock.elapsed + starting_in
+
+    def _current_outage(self) -> tuple[float, float, OutageMode] | None:
+        now = self.clock.elapsed
+        return next((o for o in self._outages if o[0] <= now < o[1]), None)
 
     @property
     def is_down(self) -> bool:
@@ -268,19 +285,15 @@ class InMemoryBroker:
     def _away(self) -> OutageMode | None:
         if self._down:
             return self._down_how
-        in_outage = (
-            self._down_until is not None
-            and self._down_from <= self.clock.elapsed < self._down_until
-        )
-        return self._outage_how if in_outage else None
+        outage = self._current_outage()
+        return outage[2] if outage is not None else None
 
     def _hangs_until(self) -> float | None:
         """When the current hang ends (``inf``: at :meth:`up`); None when there is none."""
         if self._suspended or self._away() != "hang":
             return None
-        if self._down or self._down_until is None:
-            return math.inf
-        return self._down_until
+        outage = self._current_outage()
+        return math.inf if self._down or outage is None else outage[1]
 
     # -- limits on held messages ------------------------------------------------------------
     @property
@@ -517,8 +530,9 @@ class InMemoryBroker:
         if not self._stalled or (not ended and self._away() == "hang"):
             return
         ended_at = self.clock.elapsed
-        if not ended and not self._down and self._down_until is not None:
-            ended_at = min(ended_at, self._down_until)
+        begun = [end for start, end, _ in self._outages if start <= ended_at]
+        if not ended and not self._down and begun:
+            ended_at = min(ended_at, max(begun))
         stalled, self._stalled = self._stalled, []
         for frames in stalled:
             cut = (frames.moment < start <= (ended_at, math.inf) for start in self._outage_starts)
@@ -618,18 +632,18 @@ class InMemoryBroker:
 
     @property
     def next_outage_start(self) -> float | None:
-        """When a scheduled :meth:`outage` begins, if it lies ahead (virtual seconds)."""
-        if self._down_until is None or self._down_from <= self.clock.elapsed:
-            return None
-        return self._down_from
+        """When the next scheduled :meth:`outage` begins, if one lies ahead (virtual seconds)."""
+        now = self.clock.elapsed
+        return min((start for start, _, _ in self._outages if start > now), default=None)
 
     def _fault_for(self, kind: OperationKind) -> BaseException | None:
         if self._suspended:
             return None
         if self._away() == "refuse":
             return self.rules.error(kind, self.address)
+        now = self.clock.elapsed
         for fault in self._faults:
-            if fault.fires(kind):
+            if fault.fires(kind, now):
                 if fault.error is not None:
                     return fault.error(kind)
                 return self.rules.error(kind, self.address)

@@ -630,3 +630,38 @@ class ConsumerTimeout:
 _SWEEP_TIMER_BEFORE_KOMBU_5_7 = 10
 # Sweep times are sums of float seconds: a sweep "at" a time must not miss it by rounding.
 _EPSILON = 1e-9
+
+
+def refuse_native_delayed_delivery(app: Any, flavor: Flavor) -> None:
+    """Refuse an app whose countdowns the real broker would hold instead of the worker.
+
+    With a quorum queue among its queues on RabbitMQ, Celery 5.5+ publishes every countdown
+    and ETA bound for a non-direct exchange to the ``celery_delayed_*`` queues, which hold
+    it by message TTL and dead-letter it back (whole seconds; under 1 s Celery drops the
+    task). kombu's memory transport has no exchange-to-exchange bindings, TTL or
+    dead-lettering, so the in-memory broker would hold the ETA in the worker instead: not
+    what production does.
+    """
+    try:
+        from celery.utils.quorum_queues import detect_quorum_queues
+    except ImportError:
+        return  # Celery < 5.5: the worker holds every countdown, as simulated
+    transport: Any = flavor.real_transport()
+    quorum, queue = detect_quorum_queues(app, transport.driver_type)
+    if not quorum:
+        return
+    delayed = sorted(name for name, q in app.amqp.queues.items() if q.exchange.type != "direct")
+    if app.conf.task_default_exchange_type != "direct":
+        delayed.append(f"the default exchange ({app.conf.task_default_exchange_type})")
+    if not delayed:
+        return  # Celery warns and the worker holds the ETA: the in-memory broker does that
+    raise ConfigurationError(
+        f"app {app.main!r}: the quorum queue {queue!r} makes Celery send the countdowns and "
+        f"ETAs of tasks routed to {', '.join(delayed)} through RabbitMQ's native delayed "
+        "delivery (the celery_delayed_* queues hold them, in whole seconds, and a countdown "
+        "under 1 s drops the task), which the in-memory broker cannot run (kombu's memory "
+        "transport has no exchange-to-exchange bindings, message TTL or dead-lettering): it "
+        "would hold them in the worker as for a classic queue. Test these retries against a "
+        "real RabbitMQ with broker_proxy('amqp'), or give this test classic queues or direct "
+        "exchanges (task_queues, task_default_exchange_type)"
+    )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .app_state import app_from_spec
 from .errors import UsageError, moved_names
 from .flavors import FLAVORS, flavor_for_broker
 from .session import MEMORY_RESULT_BACKEND, RetrySession, Settings
@@ -17,6 +17,7 @@ from .session import MEMORY_RESULT_BACKEND, RetrySession, Settings
 if TYPE_CHECKING:
     from .broker import InMemoryBroker
     from .clock import VirtualClock
+    from .explorer import FaultExplorer
     from .proxy import BrokerProxy
     from .worker import RetryWorker
 
@@ -175,12 +176,7 @@ def celery_retry_app(request: pytest.FixtureRequest, pytestconfig: pytest.Config
     """
     spec = str(pytestconfig.getini("celery_retry_app")).strip()
     if spec:
-        module_name, _, attribute = spec.partition(":")
-        if not attribute:
-            raise pytest.UsageError(
-                f"celery_retry_app = {spec!r}: write it as module:attribute, e.g. proj.celery:app"
-            )
-        return getattr(importlib.import_module(module_name), attribute)
+        return app_from_spec(spec)
     if "celery_app" in request.fixturenames:
         return request.getfixturevalue("celery_app")
     from celery import current_app
@@ -340,6 +336,18 @@ def _apply_outage(broker: InMemoryBroker, options: dict[str, Any]) -> None:
         raise UsageError(f"@pytest.mark.broker_outage: {exc}") from None
 
 
+@pytest.fixture(scope="session")
+def fault_explorer(pytestconfig: pytest.Config) -> FaultExplorer:
+    """For property-based tests: ``with fault_explorer.example(schedule) as (worker, broker):``
+    gives each example a fresh session, worker and in-memory broker (session-scoped, so that
+    Hypothesis's ``@given`` may use it)."""
+    from .explorer import FaultExplorer
+
+    return FaultExplorer(
+        pytestconfig.stash[SETTINGS], str(pytestconfig.getini("celery_retry_app")).strip()
+    )
+
+
 @pytest.fixture
 def broker_proxy(
     request: pytest.FixtureRequest, pytestconfig: pytest.Config, celery_retry_app: Any
@@ -365,7 +373,7 @@ def broker_proxy(
                 f"no real {kind} broker: set {variable} (or --celery-retry-{kind}-url), "
                 f"e.g. {variable}={flavor.example_url}"
             )
-        proxy = BrokerProxy(url)
+        proxy = BrokerProxy(url, seed=pytestconfig.stash[SETTINGS].seed)
         proxies.append(proxy)
         proxy.start()
         if not patches:

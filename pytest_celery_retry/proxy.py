@@ -3,13 +3,16 @@
 The in-memory broker imitates what a real transport raises; this proxy lets the real
 transport raise it. It forwards bytes between 127.0.0.1 and the broker untouched, so the real
 redis-py or py-amqp client talks to the real Redis or RabbitMQ, and on command it refuses,
-drops, resets, delays or swallows connections. Times are real seconds since :meth:`start`.
+drops, resets, delays or swallows connections, or applies Toxiproxy's toxics to them
+(latency, bandwidth, slow_close, limit_data, slicer, each with a toxicity). Times are real
+seconds since :meth:`start`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import select
 import socket
 import struct
@@ -20,7 +23,8 @@ from collections.abc import Callable
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from .errors import ConfigurationError, UsageError, is_number, moved_names
+from . import toxics
+from .errors import ConfigurationError, UsageError, is_number, is_whole_number, moved_names
 from .flavors import FLAVORS, flavor_for_proxy
 from .records import (
     BrokerOperation,
@@ -30,8 +34,9 @@ from .records import (
     PublishRecord,
     format_table,
 )
+from .toxics import Direction, Reach, Stream, Toxic
 
-__all__ = ["BrokerProxy", "ConnectionAttempt", "CutMode", "ProxyEvent"]
+__all__ = ["BrokerProxy", "ConnectionAttempt", "CutMode", "ProxyEvent", "Stream"]
 
 CutMode = Literal["refuse", "reset"]
 _Mode = Literal["open", "refuse", "reset", "blackhole"]
@@ -39,6 +44,7 @@ _Mode = Literal["open", "refuse", "reset", "blackhole"]
 # How often a forwarding thread looks up from a quiet socket to notice a cut or close.
 _POLL = 0.05
 _CHUNK = 65536
+_OTHER: dict[Direction, Direction] = {"upstream": "downstream", "downstream": "upstream"}
 
 
 def _lists_several(url: object) -> bool:
@@ -51,20 +57,55 @@ def _lists_several(url: object) -> bool:
     )
 
 
+class _Ended(Exception):
+    """The link was closed while a forwarding thread waited to send."""
+
+
+class _TargetGone(Exception):
+    """The end a forwarding thread sends to went away."""
+
+
 class _Link:
     """One proxied connection: the client's socket and, unless blackholed, the broker's."""
 
-    def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
+    def __init__(
+        self, number: int, client: socket.socket, upstream: socket.socket | None, seed: int = 0
+    ) -> None:
+        self.number = number
         self.client = client
         self.upstream = upstream
-        self.closed = False
+        self.ended = threading.Event()
+        # A slow_close is holding this link's close back: other closes wait for it.
+        self.closing = False
+        # The toxics that apply to this connection (its toxicity draws), by kind.
+        self.toxics: dict[str, Toxic] = {}
+        # Bytes forwarded in each direction since limit_data was set on this connection.
+        self.sent: dict[Direction, int] = {"upstream": 0, "downstream": 0}
+        # When the bandwidth limit lets each direction send its next bytes (monotonic).
+        self.due: dict[Direction, float] = {"upstream": 0.0, "downstream": 0.0}
+        # The slicer's sizes: reproducible per connection.
+        self.rng = random.Random(f"{seed}:slicer:{number}")
         self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.ended.is_set()
+
+    def ends(self, direction: Direction) -> tuple[socket.socket, socket.socket]:
+        assert self.upstream is not None
+        if direction == "upstream":
+            return self.client, self.upstream
+        return self.upstream, self.client
+
+    def toxic(self, kind: str, direction: Direction) -> Toxic | None:
+        toxic = self.toxics.get(kind)
+        return toxic if toxic is not None and toxic.acts_on(direction) else None
 
     def close(self, reset: bool = False) -> None:
         with self._lock:
-            if self.closed:
+            if self.ended.is_set():
                 return
-            self.closed = True
+            self.ended.set()
         if reset:
             # Zero linger makes close() send RST instead of FIN: the client sees ECONNRESET.
             with contextlib.suppress(OSError):
@@ -78,10 +119,14 @@ class BrokerProxy:
     """Forward a broker URL through 127.0.0.1 and break the connection on command.
 
     ``url`` is the upstream URL with the host and port replaced by the proxy's; scheme,
-    credentials, virtual host and database are kept.
+    credentials, virtual host and database are kept. ``seed`` makes the toxicity draws and
+    the slicer's sizes reproducible (the ``broker_proxy`` fixture passes the run's
+    ``--celery-retry-seed``).
     """
 
-    def __init__(self, upstream_url: str, *, probe_timeout: float = 1.0) -> None:
+    def __init__(self, upstream_url: str, *, probe_timeout: float = 1.0, seed: int = 0) -> None:
+        if not is_whole_number(seed):
+            raise UsageError(f"BrokerProxy(seed={seed!r}): a whole number")
         if _lists_several(upstream_url):
             raise UsageError(
                 f"broker URL {upstream_url!r} lists several brokers (failover), and the "
@@ -97,6 +142,7 @@ class BrokerProxy:
         self.upstream_host = self._parts.hostname or "127.0.0.1"
         self.upstream_port = self._parts.port or self._flavor.schemes[self._parts.scheme.lower()]
         self.probe_timeout = probe_timeout
+        self.seed = seed
         self.events: list[ProxyEvent] = []
         self._attempts: list[ConnectionAttempt] = []
         self._numbers = itertools.count(1)
@@ -104,10 +150,14 @@ class BrokerProxy:
         self._threads: list[threading.Thread] = []
         self._timers: list[threading.Timer] = []
         self._lock = threading.RLock()
+        # Forwarding threads send under it, so no byte passes once blackhole() has returned.
+        self._flow = threading.Condition(self._lock)
         self._listener: socket.socket | None = None
         self._port: int | None = None
         self._mode: _Mode = "open"
-        self._latency = 0.0
+        # The toxics every new connection draws for, and each one's toxicity draws.
+        self._toxics: dict[str, Toxic] = {}
+        self._draws: dict[str, random.Random] = {}
         self._t0 = 0.0
         self._started = False
         self._closed = False
@@ -193,6 +243,7 @@ class BrokerProxy:
             held = [link for link in self._links if link.upstream is None]
             self._links = [link for link in self._links if link.upstream is not None]
             self._mode = "open"
+            self._flow.notify_all()
             if self._listener is None:
                 self._listen()
             self._event("restore")
@@ -220,22 +271,87 @@ class BrokerProxy:
         for link in links:
             link.close(reset=True)
 
-    def latency(self, ms: float) -> None:
-        """Hold every chunk of forwarded data ``ms`` milliseconds (0 ends the delay)."""
-        if not is_number(ms) or ms < 0:
-            raise UsageError(f"latency(ms={ms!r}): a number of milliseconds >= 0")
-        with self._lock:
-            self._latency = ms / 1000
-            self._event(f"latency {ms:g} ms")
-
     def blackhole(self) -> None:
-        """Accept connections but never answer, and stall open ones: the timeout case."""
+        """Accept connections but never answer, and stall open ones: the timeout case.
+
+        Once it returns no byte passes, also on open connections: the forwarding threads send
+        under the proxy's lock and look at the mode there first.
+        """
         with self._lock:
             self._require_started("blackhole")
             self._mode = "blackhole"
             if self._listener is None:
                 self._listen()
             self._event("blackhole")
+
+    # -- toxics (Toxiproxy's vocabulary) ---------------------------------------------------
+    # Each takes ``stream`` ("upstream": client to broker, "downstream", or "both"),
+    # ``toxicity`` (the probability that it applies to a connection, drawn once per connection
+    # from the proxy's seed) and ``connections`` ("all": the open ones and every later one;
+    # "open": only those open now). A value of 0 ends the toxic; a new call replaces it.
+    def latency(
+        self,
+        ms: float,
+        *,
+        stream: Stream = "both",
+        toxicity: float = 1.0,
+        connections: Reach = "all",
+    ) -> None:
+        """Hold every chunk of forwarded data ``ms`` milliseconds."""
+        self._apply("latency", toxics.delay("latency", ms, stream, toxicity), connections)
+
+    def bandwidth(
+        self,
+        rate: float,
+        *,
+        stream: Stream = "both",
+        toxicity: float = 1.0,
+        connections: Reach = "all",
+    ) -> None:
+        """Pass at most ``rate`` kilobytes (1000 bytes) a second in each direction it acts on."""
+        self._apply("bandwidth", toxics.bandwidth(rate, stream, toxicity), connections)
+
+    def slow_close(
+        self,
+        ms: float,
+        *,
+        stream: Stream = "both",
+        toxicity: float = 1.0,
+        connections: Reach = "all",
+    ) -> None:
+        """Hold a close back ``ms`` milliseconds: when the broker (``downstream``) or the
+        client (``upstream``) closes, or ``limit_data`` cuts, the other end learns it late.
+        The other direction still forwards meanwhile. ``cut``, ``reset_peers`` and ``close``
+        are not delayed."""
+        self._apply("slow_close", toxics.delay("slow_close", ms, stream, toxicity), connections)
+
+    def limit_data(
+        self,
+        nbytes: int,
+        *,
+        stream: Stream = "both",
+        toxicity: float = 1.0,
+        connections: Reach = "all",
+    ) -> None:
+        """Close a connection once ``nbytes`` bytes passed in one direction (counted from
+        this call on an open connection, from its start on a later one); the bytes beyond
+        the limit are dropped."""
+        self._apply("limit_data", toxics.limit_data(nbytes, stream, toxicity), connections)
+
+    def slicer(
+        self,
+        average_size: int,
+        size_variation: int = 0,
+        delay_us: float = 0,
+        *,
+        stream: Stream = "both",
+        toxicity: float = 1.0,
+        connections: Reach = "all",
+    ) -> None:
+        """Forward data in slices of ``average_size`` +/- ``size_variation`` bytes, each sent
+        on its own, ``delay_us`` microseconds apart: the client reads partial frames."""
+        toxic = toxics.slicer(average_size, size_variation, delay_us, stream, toxicity)
+        self._apply("slicer", toxic, connections)
 
     # -- records ---------------------------------------------------------------------------
     @property
@@ -371,12 +487,12 @@ class BrokerProxy:
                 client.close()
                 return
             if mode == "blackhole":
-                self._links.append(_Link(client, None))
-                self._record("blackholed", peer)
+                self._links.append(_Link(self._record("blackholed", peer), client, None))
                 return
             if mode != "open":
-                self._record("refused", peer, "reset at once")
-                _Link(client, None).close(reset=True)
+                _Link(self._record("refused", peer, "reset at once"), client, None).close(
+                    reset=True
+                )
                 return
         try:
             upstream = socket.create_connection(
@@ -384,45 +500,175 @@ class BrokerProxy:
             )
         except OSError as exc:
             with self._lock:
-                self._record("refused", peer, f"broker unreachable: {exc}")
-            _Link(client, None).close(reset=True)
+                number = self._record("refused", peer, f"broker unreachable: {exc}")
+            _Link(number, client, None).close(reset=True)
             return
-        upstream.settimeout(None)
         for sock in (client, upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = _Link(client, upstream)
+            # Sends wait in select(), so a forwarding thread never blocks holding the lock.
+            sock.setblocking(False)
         with self._lock:
             if self._closed or self._mode != "open":
-                link.close()
+                client.close()
+                upstream.close()
                 return
+            number = next(self._numbers)
+            link = _Link(number, client, upstream, self.seed)
+            applied = sorted(kind for kind in self._toxics if self._draw(link, self._toxics[kind]))
+            spared = sorted(set(self._toxics) - set(applied))
+            note = "; ".join(
+                f"{what}: {', '.join(kinds)}"
+                for what, kinds in (("toxics", applied), ("spared", spared))
+                if kinds
+            )
             self._links.append(link)
-            self._record("accepted", peer)
-            self._spawn(self._pump, link, client, upstream, name="up")
-            self._spawn(self._pump, link, upstream, client, name="down")
+            self._record("accepted", peer, note, number)
+            self._spawn(self._pump, link, "upstream", name="up")
+            self._spawn(self._pump, link, "downstream", name="down")
 
-    def _record(self, outcome: ConnectionOutcome, peer: str, note: str = "") -> None:
-        self._attempts.append(
-            ConnectionAttempt(next(self._numbers), self._elapsed(), outcome, peer, note)
-        )
+    def _record(
+        self, outcome: ConnectionOutcome, peer: str, note: str = "", number: int | None = None
+    ) -> int:
+        number = next(self._numbers) if number is None else number
+        self._attempts.append(ConnectionAttempt(number, self._elapsed(), outcome, peer, note))
+        return number
 
-    def _pump(self, link: _Link, source: socket.socket, target: socket.socket) -> None:
+    def _apply(self, kind: str, toxic: Toxic | None, connections: Reach) -> None:
+        reach = toxics.reach(kind, connections)
+        with self._lock:
+            self._toxics.pop(kind, None)
+            if toxic is None:
+                for link in self._links:
+                    link.toxics.pop(kind, None)
+                self._event(f"{kind} off")
+                return
+            self._draws[kind] = random.Random(f"{self.seed}:{kind}")
+            if reach == "all":
+                self._toxics[kind] = toxic
+            hit = [link.number for link in self._links if self._draw(link, toxic)]
+            what = toxics.describe(toxic, reach)
+            if toxic.toxicity < 1 and self._links:
+                spared = [link.number for link in self._links if link.number not in hit]
+                what += f" (open connections: on {hit or 'none'}, spared {spared or 'none'})"
+            self._event(what)
+
+    def _draw(self, link: _Link, toxic: Toxic) -> bool:
+        """Whether ``toxic`` applies to ``link`` (its toxicity drawn once); sets it on the link."""
+        if link.upstream is None:
+            return False  # blackholed: nothing passes to apply it to
+        if self._draws[toxic.kind].random() >= toxic.toxicity:
+            link.toxics.pop(toxic.kind, None)
+            return False
+        link.toxics[toxic.kind] = toxic
+        if toxic.kind == "limit_data":
+            link.sent = {"upstream": 0, "downstream": 0}
+        return True
+
+    def _pump(self, link: _Link, direction: Direction) -> None:
+        """Forward one direction of ``link``, applying its toxics, until either end closes."""
+        source, target = link.ends(direction)
         try:
             while not link.closed:
-                if self._mode == "blackhole":
-                    # Not reading lets the sender's buffers fill, as behind a dead route.
-                    time.sleep(_POLL)
-                    continue
+                with self._flow:
+                    # Not reading while blackholed lets the sender's buffers fill, as behind
+                    # a dead route.
+                    if self._mode == "blackhole":
+                        self._flow.wait(_POLL)
+                        continue
                 readable, _, _ = select.select([source], [], [], _POLL)
                 if not readable:
                     continue
-                data = source.recv(_CHUNK)
+                try:
+                    data = source.recv(_CHUNK)
+                except BlockingIOError:
+                    continue
                 if not data:
-                    break
-                if self._latency:
-                    time.sleep(self._latency)
-                target.sendall(data)
-        except (OSError, ValueError):
-            pass  # the link was closed under us (a cut, a reset, close()) or by the peer
+                    break  # this end closed: the close travels on in this direction
+                if not self._forward(link, direction, target, data):
+                    return
+        except _TargetGone:
+            direction = _OTHER[direction]  # the news of that close travels back
+        except (OSError, ValueError, _Ended):
+            pass  # the link was closed under us (a cut, a reset, close()) or by the source
+        self._end(link, direction)
+
+    def _forward(
+        self, link: _Link, direction: Direction, target: socket.socket, data: bytes
+    ) -> bool:
+        """Send ``data`` on through the link's toxics; False once limit_data closed the link."""
+        limit = link.toxic("limit_data", direction)
+        if limit is not None:
+            data = data[: int(limit.amount) - link.sent[direction]]
+        delay = link.toxic("latency", direction)
+        if delay is not None and link.ended.wait(delay.amount):
+            raise _Ended
+        slicer = link.toxic("slicer", direction)
+        pieces = [data] if slicer is None else slicer.slices(data, link.rng)
+        for index, piece in enumerate(pieces):
+            if index and slicer is not None and link.ended.wait(slicer.pause):
+                raise _Ended
+            self._send_at_rate(link, direction, target, piece)
+        if limit is None:
+            return True
+        link.sent[direction] += len(data)
+        if link.sent[direction] < limit.amount:
+            return True
+        with self._lock:
+            self._event(
+                f"connection {link.number}: limit_data closed it after {link.sent[direction]} "
+                f"bytes {direction}"
+            )
+        self._end(link, direction)
+        return False
+
+    def _send_at_rate(
+        self, link: _Link, direction: Direction, target: socket.socket, data: bytes
+    ) -> None:
+        limit = link.toxic("bandwidth", direction)
+        if limit is None:
+            self._send(link, target, data)
+            return
+        # As Toxiproxy: a big chunk goes in pieces of 100 ms' worth, each after its time.
+        step = max(1, int(limit.amount / 10))
+        for start in range(0, len(data), step):
+            piece = data[start : start + step]
+            link.due[direction] = (
+                max(link.due[direction], time.monotonic()) + len(piece) / limit.amount
+            )
+            if link.ended.wait(max(0.0, link.due[direction] - time.monotonic())):
+                raise _Ended
+            self._send(link, target, piece)
+
+    def _send(self, link: _Link, target: socket.socket, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            with self._flow:
+                while self._mode == "blackhole" and not link.closed:
+                    self._flow.wait(_POLL)
+                if link.closed:
+                    raise _Ended
+                try:
+                    sent = target.send(view)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise _TargetGone from exc
+            view = view[sent:]
+            if view:
+                select.select([], [target], [], _POLL)
+
+    def _end(self, link: _Link, direction: Direction) -> None:
+        """Close ``link`` because one end went away, the news travelling in ``direction``:
+        at once, or after the link's slow_close for that direction."""
+        delay = link.toxic("slow_close", direction)
+        if delay is not None:
+            with self._lock:
+                if link.closing or link.closed:
+                    return  # the close already held back ends the link
+                link.closing = True
+                self._event(f"connection {link.number}: slow_close holds its close ({direction})")
+            if link.ended.wait(delay.amount):
+                return
         with self._lock:
             if link in self._links:
                 self._links.remove(link)

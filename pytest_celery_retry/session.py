@@ -90,7 +90,10 @@ class RetrySession:
         if installed is not None:
             return installed
         from .broker import InMemoryBroker, PublishAnnouncements
-        from .flavors import flavor_for_url
+        from .flavors import flavor_for_url, flavor_named, refuse_native_delayed_delivery
+
+        flavor = flavor or flavor_for_url(app.conf.broker_url).name
+        refuse_native_delayed_delivery(app, flavor_named(flavor))
 
         if self._announcements is None:
             from celery.signals import before_task_publish
@@ -105,7 +108,7 @@ class RetrySession:
         patch = AppPatch(app)
         broker = InMemoryBroker(
             self.clock,
-            flavor or flavor_for_url(app.conf.broker_url).name,
+            flavor,
             self.settings.seed,
             replaces=app.conf.broker_url,
             announcements=self._announcements,

@@ -33,6 +33,7 @@ from kombu.utils.uuid import uuid
 
 from .app_state import check_retry_policy
 from .attempt_hooks import AttemptHooks, Hook
+from .broker import InMemoryBroker
 from .canvas import CanvasRun, stored_exception, task_names, unlock_hint
 from .clock import LATEST, VirtualClock
 from .consumer import Consumer
@@ -160,7 +161,8 @@ class RetryWorker:
         # What Celery and the consumer report while an attempt runs, for _execute to record.
         self._reports: _Reports | None = None
         self._receiver_connected = False
-        self._crashes: dict[str, int] = {}
+        # Crashes to come, per task name.
+        self._crashes: dict[str, list[_Crash]] = {}
         self._attempt_order = itertools.count(1)
         self._tracked: list[Tracked] = []
         self._redeliveries = RedeliveryPlan()
@@ -175,6 +177,11 @@ class RetryWorker:
     @property
     def settings(self) -> Settings:
         return self._session.settings
+
+    @property
+    def brokers(self) -> list[InMemoryBroker]:
+        """The in-memory brokers of this worker's test (one per app), in installation order."""
+        return [installed.broker for installed in self._session.installations.values()]
 
     # -- public API ------------------------------------------------------------------------
     def apply(
@@ -244,8 +251,9 @@ class RetryWorker:
             if len(run.attempts) != before.get(task_id, 0)
         }
 
-    def crash_during(self, task: Any, times: int = 1) -> None:
-        """Lose the worker process during the next ``times`` executions of ``task``.
+    def crash_during(self, task: Any, times: int = 1, starting_in: float = 0) -> None:
+        """Lose the worker process during the next ``times`` executions of ``task``
+        (those that start ``starting_in`` virtual seconds from now or later).
 
         The pool reports ``WorkerLostError`` after accepting the job, as the prefork pool does
         for a killed child, before the task body runs (so it has no side effects). Celery
@@ -256,7 +264,12 @@ class RetryWorker:
         name = _task_name("crash_during", task)
         if not is_whole_number(times) or times < 1:
             raise UsageError(f"crash_during(times={times!r}): a whole number of crashes >= 1")
-        self._crashes[name] = self._crashes.get(name, 0) + times
+        if not is_finite_number(starting_in) or starting_in < 0:
+            raise UsageError(
+                f"crash_during(starting_in={starting_in!r}): give the virtual seconds from now, "
+                ">= 0"
+            )
+        self._crashes.setdefault(name, []).append(_Crash(self.clock.elapsed + starting_in, times))
 
     def redeliver(self, task: Any = None, times: int = 1, when: When = "after_run") -> None:
         """Make the broker deliver each message of ``task`` (every task with None) again.
@@ -507,8 +520,7 @@ class RetryWorker:
         """The error the attempt's worker process is to die with, if it is to die."""
         if lose == "during_run":
             by = "retry_worker.redeliver(when='during_run')"
-        elif self._crashes.get(task_name, 0) > 0:
-            self._crashes[task_name] -= 1
+        elif self._take_crash(task_name):
             by = "crash_during"
         else:
             return None
@@ -526,6 +538,14 @@ class RetryWorker:
             )
         else:
             attempt.note = f"{died}; the message was acked when it was accepted: not redelivered"
+
+    def _take_crash(self, task_name: str) -> bool:
+        """Whether this execution of ``task_name`` loses its process (crash_during)."""
+        for crash in self._crashes.get(task_name, ()):
+            if crash.remaining > 0 and crash.active_from <= self.clock.elapsed:
+                crash.remaining -= 1
+                return True
+        return False
 
     @staticmethod
     def _record_reports(attempt: Attempt, reports: _Reports) -> None:
@@ -916,6 +936,14 @@ def _final_signature(signature: Any) -> Any:
 
 
 @dataclass
+class _Crash:
+    """Executions of a task that lose their process (crash_during), from a virtual time on."""
+
+    active_from: float
+    remaining: int
+
+
+@dataclass
 class _Reports:
     """What Celery's signals and the consumer reported while one attempt ran.
 
@@ -948,6 +976,12 @@ def _task_name(call: str, task: Any) -> str:
     return name
 
 
+def _close_whatever_the_broker_does(consumer: Consumer) -> None:
+    # The worker stops whatever the broker does (a hang would make its close wait).
+    with consumer.broker.suspend_faults():
+        consumer.close()
+
+
 def _drop_tracebacks(attempt: Attempt) -> None:
     """Free the frames an earlier attempt's exceptions hold: 10,000 retries stay flat in memory.
 
@@ -973,9 +1007,3 @@ def _cause_of(exc: BaseException) -> BaseException:
         if context is not None:
             return context
     return exc
-
-
-def _close_whatever_the_broker_does(consumer: Consumer) -> None:
-    # The worker stops whatever the broker does (a hang would make its close wait).
-    with consumer.broker.suspend_faults():
-        consumer.close()

@@ -10,7 +10,6 @@ Skipped without CELERY_RETRY_REDIS_URL / CELERY_RETRY_AMQP_URL (a failure in CI)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import re
 import shutil
 import subprocess
@@ -98,11 +97,12 @@ def recording(app: Any, countdown: float) -> Iterator[Recorder]:
 _open_apps: list[Any] = []
 
 
-def real_app(kind: str, **config: Any) -> Any:
-    """An app on the real broker (not through the proxy), closed after the test."""
+def real_app(kind: str, url: str | None = None, **config: Any) -> Any:
+    """An app on the real broker (not through the proxy, unless ``url`` is the proxy's),
+    closed after the test."""
     from celery import Celery
 
-    app = Celery(f"limits-{uuid.uuid4().hex[:8]}", broker=real_broker_url(kind))
+    app = Celery(f"limits-{uuid.uuid4().hex[:8]}", broker=url or real_broker_url(kind))
     app.conf.update(worker_hijack_root_logger=False, broker_heartbeat=2, **config)
     _open_apps.append(app)
     return app
@@ -199,12 +199,15 @@ CONSUMER_TIMEOUT_MS = round(DEFAULT.consumer_timeout * 1000)
 TICK_MS = round(DEFAULT.tick * 1000)
 
 
-def rabbitmqctl(expression: str) -> str:
+def rabbitmqctl(*arguments: str) -> str:
+    """Run ``rabbitmqctl`` on the RabbitMQ node: ``eval`` and an Erlang expression alone."""
     command = shutil.which("rabbitmqctl")
     if command is None:
-        pytest.skip("rabbitmqctl (on the RabbitMQ node) lowers consumer_timeout: not found")
+        pytest.skip("rabbitmqctl (on the RabbitMQ node) is needed here: not found")
+    if len(arguments) == 1:
+        arguments = ("eval", *arguments)
     result = subprocess.run(
-        [command, "eval", expression], capture_output=True, text=True, timeout=30, check=True
+        [command, *arguments], capture_output=True, text=True, timeout=30, check=True
     )
     return result.stdout.strip()
 
@@ -275,6 +278,18 @@ def forget(kind: str, queue: str, *redis_keys: str) -> int:
         channel.queue_delete(queue)
         channel.exchange_delete(queue)
     return depth
+
+
+def consumers_of(queue: str) -> int:
+    """How many consumers RabbitMQ has on ``queue`` (0 before it exists)."""
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
+        try:
+            return int(conn.channel().queue_declare(queue, passive=True).consumer_count)
+        except NotFound:
+            return 0
 
 
 def log_times(caplog: pytest.LogCaptureFixture, started: float, text: str) -> list[float]:
@@ -376,13 +391,6 @@ def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptur
 # publish cases are hang_cases.py's: test_hanging_broker.py runs the same on the virtual clock.
 
 
-def blackhole(proxy: BrokerProxy) -> None:
-    proxy.blackhole()
-    # The proxy's forwarding threads look at the mode every 50 ms: bytes sent before they do
-    # still pass.
-    time.sleep(0.2)
-
-
 def timed_publish(app: Any, case: HangCase, queue: str) -> tuple[float, BaseException | None]:
     started = time.monotonic()
     try:
@@ -426,7 +434,7 @@ def publish_into_a_blackhole(proxy: BrokerProxy, app: Any, case: HangCase) -> li
     try:
         if case.pooled:
             app.send_task("foo.task", queue=queue)
-        blackhole(proxy)
+        proxy.blackhole()
         before = len(proxy.connections)
         if case.blocks_for_ever:
             blocked, after_restore = still_blocked(app, case, queue, proxy)
@@ -478,8 +486,13 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
 
     try:
         with start_worker(app, queue):
+            # A hang during the worker's start-up blocks it in a wait for the broker's reply,
+            # before the event loop that checks heartbeats runs (it never noticed in 8 s):
+            # the hang starts once RabbitMQ has the worker's consumer, and its loop runs.
+            assert wait_until(lambda: consumers_of(queue) > 0, 10), proxy.timeline()
+            time.sleep(0.5)
             started = time.monotonic()
-            blackhole(proxy)
+            proxy.blackhole()
             assert wait_until(lambda: "Too many heartbeats missed" in caplog.text, 8), caplog.text
             proxy.restore()
             restored = time.monotonic()
@@ -497,90 +510,65 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
 
 
 # -- 6. Quorum queues: native delayed delivery (celery#9912, #10111) -------------------------
-DELAYED_LEVELS = 28  # kombu's celery_delayed_0 .. celery_delayed_27
-
-
-def delayed_delivery_exists() -> bool:
-    from amqp.exceptions import NotFound
-    from kombu import Connection
-
-    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
-        try:
-            conn.channel().exchange_declare("celery_delayed_delivery", "topic", passive=True)
-        except NotFound:
-            return False
-    return True
-
-
-# Celery's delayed-delivery exchanges and queues have fixed names, shared by every run on the
-# node: one run deleting them while another's retry waits in them loses that retry (seen with
-# two suites at once on one machine). Runs on this machine take turns.
-DELAYED_DELIVERY_LOCK = "/tmp/pytest-celery-retry-delayed-delivery.lock"
-
-
 @contextlib.contextmanager
-def delayed_delivery_to_ourselves() -> Iterator[None]:
-    with open(DELAYED_DELIVERY_LOCK, "a") as lock:  # closing it releases the lock
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+def own_vhost() -> Iterator[str]:
+    """The real RabbitMQ's URL on a virtual host of the test's own, deleted with all it holds
+    afterwards. The celery_delayed_* exchanges and queues are per virtual host: tests that
+    share them (other runs on the same RabbitMQ too) would delete them under each other."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = urlsplit(real_broker_url("amqp"))
+    name = new_name()
+    rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmqctl("set_permissions", "-p", name, url.username or "guest", ".*", ".*", ".*")
+        yield urlunsplit(url._replace(path=f"/{name}"))
+    finally:
+        rabbitmqctl("delete_vhost", name)
 
 
-def delete_delayed_delivery() -> None:
-    from kombu import Connection
+def use_queue(app: Any, queue: str, queue_type: str) -> None:
+    """Route every task of ``app`` to ``queue``: quorum behind a topic exchange (native
+    delayed delivery), or classic behind a direct one."""
+    from kombu import Exchange, Queue
 
-    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
-        channel = conn.channel()
-        for level in range(DELAYED_LEVELS):
-            channel.queue_delete(f"celery_delayed_{level}")
-            channel.exchange_delete(f"celery_delayed_{level}")
-        channel.exchange_delete("celery_delayed_delivery")
+    exchange_type = "topic" if queue_type == "quorum" else "direct"
+    arguments = {"x-queue-type": queue_type}
+    app.conf.update(
+        task_queues=[
+            Queue(queue, Exchange(queue, type=exchange_type), queue, queue_arguments=arguments)
+        ],
+        task_default_queue=queue,
+        task_default_exchange=queue,
+        task_default_exchange_type=exchange_type,
+        task_default_routing_key=queue,
+    )
 
 
 @real_broker
 def test_quorum_queue_countdown_goes_through_celery_delayed_queues() -> None:
-    from kombu import Exchange, Queue
-
     queue = new_name()
-    app = real_app("amqp")
-    app.conf.update(
-        task_queues=[
-            Queue(
-                queue,
-                Exchange(queue, type="topic"),
-                routing_key=queue,
-                queue_arguments={"x-queue-type": "quorum"},
-            )
-        ],
-        task_default_queue=queue,
-        task_default_exchange=queue,
-        task_default_exchange_type="topic",
-        task_default_routing_key=queue,
-    )
     errors: list[BaseException] = []
     short_runs: list[float] = []
+    with own_vhost() as url:
+        app = real_app("amqp", url)
+        use_queue(app, queue, "quorum")
 
-    @app.task(name="too_short", bind=True, max_retries=1, shared=False)
-    def too_short(self: Any) -> None:
-        short_runs.append(time.monotonic())
-        try:
-            self.retry(countdown=0.5)
-        except Exception as exc:
-            errors.append(exc)
-            raise
+        @app.task(name="too_short", bind=True, max_retries=1, shared=False)
+        def too_short(self: Any) -> None:
+            short_runs.append(time.monotonic())
+            try:
+                self.retry(countdown=0.5)
+            except Exception as exc:
+                errors.append(exc)
+                raise
 
-    with delayed_delivery_to_ourselves():
-        shared = delayed_delivery_exists()  # someone else's: leave it
-        try:
-            with recording(app, countdown=1.5) as recorder, start_worker(app, queue):
-                recorder.started = time.monotonic()
-                app.tasks["waits"].apply_async()
-                too_short.apply_async()
-                assert wait_until(lambda: len(recorder.runs) == 2, 6), recorder.received
-                time.sleep(0.5)
-        finally:
-            forget("amqp", queue)
-            if not shared:
-                delete_delayed_delivery()
+        with recording(app, countdown=1.5) as recorder, start_worker(app, queue):
+            recorder.started = time.monotonic()
+            app.tasks["waits"].apply_async()
+            too_short.apply_async()
+            assert wait_until(lambda: len(recorder.runs) == 2, 6), recorder.received
+            time.sleep(0.5)
     # The retry left through celery_delayed_27 with its countdown, truncated to whole seconds,
     # in the routing key; it was dead-lettered level by level and came back after 1 s, not
     # held by the worker; the worker then held the rest of its ETA.
@@ -596,10 +584,83 @@ def test_quorum_queue_countdown_goes_through_celery_delayed_queues() -> None:
     assert "countdown must be a positive number" in str(errors[0])
 
 
+@real_broker
+def test_quorum_queue_retries_more_than_twice_through_celery_delayed_queues() -> None:
+    # celery#10111: from the third retry on, RabbitMQ's dead-letter cycle detection dropped
+    # the message (the retry carried the x-death header of the one before); celery#10095
+    # (in the Celery measured here) filters the header out.
+    queue = new_name()
+    recorder = Recorder()
+    with own_vhost() as url:
+        app = real_app("amqp", url)
+        use_queue(app, queue, "quorum")
+
+        @app.task(name="again", bind=True, max_retries=3, shared=False)
+        def again(self: Any) -> None:
+            request = self.request
+            recorder.runs.append(recorder.seen(request.id, request.retries, request.delivery_info))
+            if request.retries < 3:
+                raise self.retry(countdown=1)
+
+        with start_worker(app, queue):
+            recorder.started = time.monotonic()
+            again.apply_async()
+            assert wait_until(lambda: len(recorder.runs) == 4, 10), recorder.runs
+    runs = recorder.runs
+    assert [run.retries for run in runs] == [0, 1, 2, 3], runs
+    assert [run.exchange for run in runs[1:]] == ["celery_delayed_delivery"] * 3, runs
+    gaps = [b.t - a.t for a, b in zip(runs, runs[1:])]
+    assert all(gap == pytest.approx(1, abs=0.4) for gap in gaps), runs
+
+
+@real_broker
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"], ids=["quorum", "classic"])
+def test_countdown_retry_through_a_cut(queue_type: str) -> None:
+    # The worker loses RabbitMQ (the proxy cuts it) while a retry with countdown 3 waits.
+    queue = new_name()
+    woken: list[float] = []
+    with own_vhost() as url, BrokerProxy(url) as proxy:
+        app = real_app("amqp", proxy.url, broker_connection_retry_on_startup=True)
+        use_queue(app, queue, queue_type)
+
+        @app.task(name="wake", shared=False)
+        def wake() -> None:
+            woken.append(time.monotonic())
+
+        with recording(app, countdown=3) as recorder, start_worker(app, queue):
+            recorder.started = time.monotonic()
+            app.tasks["waits"].apply_async()
+            assert wait_until(lambda: len(recorder.runs) == 1, 5), recorder.received
+            # The solo worker sends the ack of the first run from its event loop when the
+            # loop next wakes. With a quorum queue nothing arrives to wake it (the retry
+            # waits in RabbitMQ) until its next timer, and a cut before then would run the
+            # first attempt again: a delivery wakes it.
+            wake.apply_async()
+            assert wait_until(lambda: bool(woken), 5), recorder.received
+            cut_at = time.monotonic() - recorder.started
+            proxy.outage(1.5)
+            assert wait_until(lambda: len(recorder.runs) == 2, 10), proxy.timeline()
+    held = recorder.retries(recorder.received)
+    assert [run.retries for run in recorder.runs] == [0, 1], recorder.runs
+    assert recorder.runs[1].t == pytest.approx(3, abs=0.5), recorder.runs
+    if queue_type == "quorum":
+        # RabbitMQ holds the retry in the celery_delayed_* queues, whatever the worker's
+        # connection does: it reaches the queue at its countdown, first delivery.
+        assert [(copy.exchange, copy.redelivered) for copy in held] == [
+            ("celery_delayed_delivery", False)
+        ], recorder.received
+    else:
+        # The worker held the retry unacknowledged; the cut gave it back to the queue, and
+        # the reconnected worker receives it again (redelivered) and holds it to its ETA.
+        assert [copy.redelivered for copy in held] == [False, True], recorder.received
+        assert held[0].t < cut_at < held[1].t
+
+
 def test_native_delayed_delivery_cannot_run_on_kombus_memory_transport() -> None:
     # The plugin's pyamqp flavour is kombu's memory transport: its driver_type is "memory", so
     # Celery never takes the quorum path there, and kombu's set-up needs exchange-to-exchange
     # bindings, which the virtual transport lacks (and message TTL and dead-lettering).
+    # tests/test_quorum_queues.py checks that the plugin refuses such an app.
     from celery import Celery
     from celery.utils.quorum_queues import detect_quorum_queues
     from kombu import Connection, Queue

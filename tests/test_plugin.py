@@ -362,6 +362,10 @@ def test_plugin_does_not_import_celery_until_a_fixture_is_used(pytester: pytest.
             assert "pytest_celery_retry.plugin" in sys.modules
             assert not [m for m in sys.modules if m == "celery" or m.startswith("celery.")]
             assert "kombu" not in sys.modules
+            # Fault exploration's strategies need it; the plugin and its records do not.
+            import pytest_celery_retry
+            assert pytest_celery_retry.FaultSchedule is not None
+            assert "hypothesis" not in sys.modules
         """
     )
     pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from .celery import app
 
@@ -91,3 +92,29 @@ def place_order(order_id: int) -> int:
     """Publishes a follow-up task; kombu retries the publish if the broker is away."""
     send_receipt.apply_async(args=(order_id,), retry=True, retry_policy=PUBLISH_RETRY_POLICY)
     return order_id
+
+
+@app.task(name="proj.build_report", bind=True, max_retries=3)
+def build_report(self):
+    """The seed's retry (countdowns 1, 3, 9 s) after a slow call: each attempt takes 2 s."""
+    time.sleep(2)  # the reporting service answers after 2 s, with an error
+    self.retry(countdown=3**self.request.retries)
+
+
+class PaymentGateway:
+    """Stands in for a payment provider's client: every call charges the card."""
+
+    def charge(self, order_id: int) -> str:
+        return f"charge for order {order_id}"
+
+
+gateway = PaymentGateway()
+
+
+@app.task(name="proj.charge_order", bind=True, acks_late=True, max_retries=3)
+def charge_order(self, order_id: int) -> str:
+    """acks_late, retried once while the fraud check is pending, then charges the card."""
+    time.sleep(2)  # the fraud check takes 2 s
+    if self.request.retries == 0:
+        raise self.retry(countdown=5)  # pending: look again in 5 s
+    return gateway.charge(order_id)
