@@ -204,6 +204,9 @@ def peak_memory(app: Any, n: int) -> int:
 
 def hourly_backoff(app: Any) -> tuple[float, float, list[float]]:
     def body(worker: Any, session: Any) -> tuple[float, float, list[float]]:
+        # A RabbitMQ without consumer_timeout: the worker holds the 2,048 s retry past its
+        # default 30 min, which would stop the worker (docs/broker-limits.md).
+        session.installation(app).broker.consumer_timeout = None
         start = real_perf()
         run = worker.apply(app.tasks["bench.hourly"])
         return real_perf() - start, session.clock.elapsed, run.countdowns

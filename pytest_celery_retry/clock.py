@@ -75,6 +75,7 @@ class VirtualClock:
         self.started_at: datetime = start
         self._freezer: Any = None
         self._frozen: Any = None
+        self._naive_start = start.replace(tzinfo=None)
         self._patched_sleeps: list[tuple[Any, str, Any]] = []
         self._modules_at_start: set[str] = set()
         self._restore_now: Callable[[], None] | None = None
@@ -94,6 +95,7 @@ class VirtualClock:
         # (every name starts with "").
         self._freezer = api.freeze_time(self.started_at, tick=False, ignore=[""])
         self._frozen = self._freezer.start()
+        self._naive_start = self.started_at.astimezone(timezone.utc).replace(tzinfo=None)
         # pytest times its own phases: its modules keep their real time functions, or
         # --durations reports nonsense. freezegun's stop() skips these among the modules
         # imported while the clock ran, and restores the time functions of the others.
@@ -133,8 +135,9 @@ class VirtualClock:
         """Virtual seconds since the clock started."""
         if self._frozen is None:
             return 0.0
+        # freezegun keeps naive UTC: subtracting a naive start spares an aware copy per read.
         current: datetime = self._frozen()
-        return (current.replace(tzinfo=timezone.utc) - self.started_at).total_seconds()
+        return (current - self._naive_start).total_seconds()
 
     # -- moving ----------------------------------------------------------------------------
     def advance(self, seconds: float) -> None:
