@@ -25,9 +25,19 @@ class RedisCopies:
     received: tuple[float, ...]
     # Every copy runs at the ETA; all but the first redelivered.
     runs: int = field(init=False)
+    # On a real worker the sweep that restores the last copy comes within milliseconds of the
+    # ETA (its sweeps run about one sweep later than the simulation's): that copy exists only
+    # when the sweep beats Celery's ETA timer; once the first copy ran and was acked, the
+    # sweep finds nothing to restore.
+    races_eta: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "runs", len(self.received))
+
+    @property
+    def real_runs(self) -> tuple[int, ...]:
+        """How many copies a real worker may run: without the last one when it lost the race."""
+        return (self.runs - 1, self.runs) if self.races_eta else (self.runs,)
 
     @property
     def transport_options(self) -> dict[str, Any]:
@@ -43,8 +53,11 @@ REDIS = {
     "countdown-5-vt-1.5": RedisCopies(countdown=5, visibility_timeout=1.5, received=(0, 2, 4)),
     # Measured: received at 0.03, 2.98, 4.99 (benchmarks/broker_limits_oracle.py).
     "countdown-5-vt-2": RedisCopies(countdown=5, visibility_timeout=2, received=(0, 2, 4)),
-    # Measured: received at 0.01, 2.99, 5.0, 7.0, 9.01; 5 runs at 9.0-9.01.
-    "countdown-9-vt-2": RedisCopies(countdown=9, visibility_timeout=2, received=(0, 2, 4, 6, 8)),
+    # Measured: received at 0.01, 2.99, 5.0, 7.0, then 9.01 (5 runs at 9.0-9.01) or no fifth
+    # copy (4 runs at 9.0): the sweep at ~9.0 races the ETA (docs/broker-limits.md).
+    "countdown-9-vt-2": RedisCopies(
+        countdown=9, visibility_timeout=2, received=(0, 2, 4, 6, 8), races_eta=True
+    ),
 }
 
 

@@ -126,7 +126,9 @@ def new_name() -> str:
 # the first copy for its ETA and now receives the restored one, holds it too, and so on: every
 # copy runs at the ETA. 1.5 s between two 1 s sweeps: a copy is restored at the second sweep
 # after its delivery, so copies come 2 s apart and a 5 s countdown runs 3 times. The figures
-# are those the simulation reproduces (limits_figures.py).
+# are those the simulation reproduces (limits_figures.py). With visibility_timeout 2 the real
+# copies come at 0, ~3, ~5, ~7 and the sweep that would restore a fifth at ~9.0 races the
+# ETA (9.0) by milliseconds: 4 or 5 runs, both real (RedisCopies.races_eta).
 REDIS_CASES = [
     ("countdown-5-vt-1.5", False),
     ("countdown-5-vt-1.5", True),
@@ -166,20 +168,28 @@ def test_redis_runs_a_retry_held_past_visibility_timeout_once_per_sweep(
             recorder.started = time.monotonic()
             app.tasks["waits"].apply_async(queue=queue)
             timeout = figures.countdown + 5
-            assert wait_until(lambda: len(recorder.runs) > figures.runs, timeout), recorder.runs
+            fewest = min(figures.real_runs)
+            assert wait_until(lambda: len(recorder.runs) > fewest, timeout), (
+                recorder.runs,
+                recorder.received,
+            )
             time.sleep(1.0)  # room for another copy to show up
     finally:
         forget("redis", queue, *keys.values())
     first, *retried = recorder.runs
-    assert first.retries == 0
-    # One task id, one run of its retry per copy, all at the ETA: the original and the
-    # restored copies.
-    assert [run.retries for run in retried] == [1] * figures.runs, recorder.runs
-    assert {run.task_id for run in recorder.runs} == {first.task_id}
-    assert sorted(run.redelivered for run in retried) == sorted(figures.redelivered)
-    assert all(run.t == pytest.approx(figures.countdown, abs=0.5) for run in retried), retried
     held = recorder.retries(recorder.received)
-    assert [copy.redelivered for copy in held] == figures.redelivered, recorder.received
+    # Which way a race went, shown with -rP: docs/broker-limits.md counts them.
+    print(f"retry copies received at {[round(copy.t, 2) for copy in held]}")
+    assert first.retries == 0
+    # One task id, one run of its retry per copy the worker received, all at the ETA: the
+    # original and the restored copies.
+    assert len(held) in figures.real_runs, recorder.received
+    assert [run.retries for run in retried] == [1] * len(held), (recorder.runs, held)
+    assert {run.task_id for run in recorder.runs} == {first.task_id}
+    redelivered = figures.redelivered[: len(held)]
+    assert sorted(run.redelivered for run in retried) == sorted(redelivered)
+    assert all(run.t == pytest.approx(figures.countdown, abs=0.5) for run in retried), retried
+    assert [copy.redelivered for copy in held] == redelivered, recorder.received
     sweep = figures.transport_options["unacked_restore_interval"]
     assert all(near(copy.t, simulated, sweep) for copy, simulated in zip(held, figures.received)), (
         held,
@@ -477,6 +487,11 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
     proxy = broker_proxy("amqp")
     hang_config(app)
     app.conf.broker_heartbeat = 2
+    # Without remote control: a reconnect that comes before RabbitMQ has dropped the
+    # blackholed connection finds that connection's exclusive pidbox queue still there, and the
+    # worker dies of "Unrecoverable error: ResourceLocked" (seen under load; a real race, in
+    # docs/broker-limits.md). What this test measures is when the heartbeat notices.
+    app.conf.worker_enable_remote_control = False
     queue = new_name()
     runs: list[float] = []
 
