@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +30,13 @@ from .transport import CONSUMER_ROLE_OPTION
 
 if TYPE_CHECKING:
     from .broker import InMemoryBroker
+    from .flavors import Heartbeats
     from .session import AppInstallation
 
 __all__ = ["Consumer", "Settled"]
 
+# The priority Celery's default strategy gives an ETA message on the worker's timer.
+_ETA_PRIORITY = 6
 # Told what became of a message the consumer settled: its task id and the action
 # ("acked", "rejected", "requeued", or "ack failed", "reject failed", "requeue failed").
 Settled = Callable[[str, str], None]
@@ -100,6 +104,9 @@ class Consumer:
         self.checked_at: float | None = None
         # Why the connection is known to be dead before the next poll (a failed ack).
         self.broken_by: str | None = None
+        # What the worker's loop raises at its next turn (a heartbeat check that failed).
+        self.loop_error: BaseException | None = None
+        self.heartbeats: Heartbeats | None = None
         # Why the worker is dead (retry_worker.redeliver): it sends nothing more, and the next
         # poll is a new worker's, after the broker took back what the dead one held.
         self.died_of: str | None = None
@@ -115,6 +122,7 @@ class Consumer:
         # channel's ticks) count from here.
         self.registered_at = self.broker.clock.elapsed
         self.checked_at = None
+        self.heartbeats = self.broker.rules.heartbeats(self.app, self.registered_at)
         return connected
 
     def close(self) -> None:
@@ -132,6 +140,9 @@ class Consumer:
                 if self.broken_by is not None:
                     # A real consumer's next read on the dead socket fails.
                     self._on_connection_lost(self.broken_by)
+                if self.loop_error is not None:
+                    error, self.loop_error = self.loop_error, None
+                    raise error
                 self._fetch()
                 return
             except recoverable as exc:
@@ -219,7 +230,7 @@ class Consumer:
                 eta = request.eta
                 if eta is not None and eta > now:
                     # Celery's default strategy: the ETA first, then the rate limit.
-                    self.call_at(eta, self._admit, (request,), priority=6)
+                    self.call_at(eta, self._admit, (request,), priority=_ETA_PRIORITY)
                 else:
                     self._admit(request)
 
@@ -317,24 +328,60 @@ class Consumer:
         worker holds unacknowledged (a redis visibility sweep that restores it, RabbitMQ's
         tick that closes the channel), unless a scheduled outage begins first: a real worker
         notices a lost connection while it waits. The caller polls the broker again after the
-        wait, and sees the outage there.
+        wait, and sees the outage there. While the broker hangs, the worker also waits for
+        the hang's end when messages wait for it, and checks its heartbeats.
         """
         clock = self.broker.clock
+        now = clock.elapsed
+
+        def at(t: float) -> datetime:
+            return clock.now() + timedelta(seconds=max(t - now, 0))
+
         wake = [self.held[0].due] if self.held else []
         limit = self.limit.next_action(self) if self.limit is not None else None
         if limit is not None:
-            wake.append(clock.now() + timedelta(seconds=max(limit - clock.elapsed, 0)))
+            wake.append(at(limit))
+        hang_ends_at = self.broker.hang_ends_at
+        if hang_ends_at is not None and hang_ends_at != math.inf and self.broker.holds_undelivered:
+            wake.append(at(hang_ends_at))
         if not wake:
             return False
         outage = self.broker.next_outage_start
         due = min(wake)
         if outage is not None:
-            due = min(due, clock.now() + timedelta(seconds=outage - clock.elapsed))
+            due = min(due, at(outage))
+        check = check_at = None
+        if hang_ends_at is not None and self.heartbeats is not None:
+            check = self.heartbeats.next_check(now)
+            check_at = at(check)
+            due = min(due, check_at)
         clock.advance_to(due)
-        while self.held and self.held[0].due <= due:
+        if check is not None and self.heartbeats is not None and due == check_at:
+            try:
+                self.heartbeats.check(check, lambda t: not self.broker.hanging_at(t))
+            except tuple(self.connection.connection_errors) as exc:
+                # Celery's event loop raises the check's error at its next turn, when the hub's
+                # poll returns: at its next timer, as a hung broker sends nothing.
+                self.loop_error = exc
+                next_timer = clock.now() + timedelta(seconds=self.heartbeats.interval)
+                clock.advance_to(min([next_timer, *(entry.due for entry in self.held[:1])]))
+                return True
+        while self.held and self.held[0].due <= clock.now():
+            if self.held[0].priority == _ETA_PRIORITY and not self._prefetch_changed():
+                return True
             entry = heapq.heappop(self.held)
             entry.fire(*entry.args)
         return True
+
+    def _prefetch_changed(self) -> bool:
+        """The consumer lowers its prefetch count as an ETA comes (basic_qos): whether the
+        connection survived the broker's answer (a hung broker answers when the hang ends,
+        and then may have closed the connection for the heartbeats it missed)."""
+        hung = self.broker.on_qos(self.connection.transport)
+        if hung is None or self.heartbeats is None or not self.heartbeats.broker_closed_after(hung):
+            return True
+        self.loop_error = self.broker.rules.closed_by_broker_error(self.broker.address)
+        return False
 
     # -- Celery's Request ------------------------------------------------------------------
     def _request_for(self, message: Any) -> Any:

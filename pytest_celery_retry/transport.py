@@ -9,7 +9,7 @@ code decides, as in production, what to retry.
 
 from __future__ import annotations
 
-from queue import Queue
+from queue import Empty, Queue
 from typing import Any, Protocol
 
 import kombu.transport as kombu_transport
@@ -63,8 +63,8 @@ class Broker(Protocol):
         Returns whether the message reaches its queue now (else the broker delivers it later).
         """
 
-    def on_consume(self, client: Client, queue: str) -> None:
-        """Raise the poll's fault, if any."""
+    def on_consume(self, client: Client, queue: str) -> bool:
+        """Raise the poll's fault, if any; whether the broker answers it (a hung one does not)."""
 
     def on_settle(self, client: Client) -> None:
         """Raise the ack's (or reject's) fault, if any."""
@@ -159,7 +159,8 @@ class _Channel(memory.Channel):
         super().close()
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        self.connection.broker.on_consume(self.connection, queue)
+        if not self.connection.broker.on_consume(self.connection, queue):
+            raise Empty()
         message: dict[str, Any] = super()._get(queue, timeout)
         return message
 

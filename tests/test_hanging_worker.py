@@ -1,0 +1,150 @@
+"""The worker's side of a broker that hangs (issue #13, item 4), on the virtual clock.
+
+A RabbitMQ worker's consumer waits for deliveries that a hung broker never sends. Celery's
+event loop checks the connection's heartbeats every ``broker_heartbeat /
+broker_heartbeat_checkrate`` seconds with py-amqp's own ``heartbeat_tick``, which raises
+``ConnectionForced('Too many heartbeats missed')``; the consumer then reconnects with Celery's
+own policy, each connect timing out at ``broker_connection_timeout``. At a held ETA the
+consumer's ``basic_qos`` waits for the broker's answer without a timeout. The figures measured
+on a real RabbitMQ behind ``broker_proxy("amqp").blackhole()`` are in docs/broker-limits.md
+(``real_limits_cases.py::test_amqp_worker_notices_a_hang_by_its_heartbeat``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from pytest_celery_retry import BlocksForeverError, UsageError
+
+# The real test's hang began 0.5 s after RabbitMQ had the worker's consumer.
+HANG_STARTS = 0.5
+
+
+def record_task(app: Any) -> Any:
+    @app.task(name="record", shared=False)
+    def record() -> None:
+        pass
+
+    return record
+
+
+def connected_worker(retry_worker: Any, app: Any, **config: Any) -> Any:
+    """A worker whose consumer connected at 0, and a pooled producer connection."""
+    app.conf.update(broker_connection_timeout=1, **config)
+    record = record_task(app)
+    record.delay()
+    retry_worker.run_until_idle()
+    return record
+
+
+def test_a_worker_notices_a_hang_by_its_heartbeats(
+    retry_worker: Any, flaky_broker: Any, app: Any, celery_retry_clock: Any
+) -> None:
+    record = connected_worker(retry_worker, app, broker_heartbeat=2)
+    celery_retry_clock.advance(HANG_STARTS)
+    flaky_broker.outage(seconds=9.5, how="hang")  # from 0.5 to 10 s, as measured
+    result = record.delay()  # py-amqp without confirms: the frames wait in the socket buffer
+
+    retry_worker.run_until_idle()
+
+    lost = [e for e in retry_worker.events if e.action == "connection lost"]
+    assert [e.detail for e in lost] == [
+        "ConnectionForced(None, 'Too many heartbeats missed', None, '')"
+    ]
+    # Checks every 2 / 3 s (broker_heartbeat_checkrate=3): the last that heard the broker was
+    # at 0.667 s, the first more than 4 s later at 5.333 s, and the loop raised its error at
+    # its next turn. Measured: 4.8 s after the hang began (the phase of the checks decides).
+    assert lost[0].t - HANG_STARTS == pytest.approx(5.5, abs=1e-3)
+    # Celery's reconnects: at once, then 2 s after the 1 s timeout (measured: at 4.8 and 7.9 s
+    # after the hang began, then 4 s later). The broker answers the second when the hang ends.
+    connects = [(op.t, op.hung, op.ok) for op in flaky_broker.connection_attempts[2:]]
+    assert connects == [
+        (pytest.approx(6.0, abs=1e-3), 1.001, False),
+        (pytest.approx(9.001, abs=1e-3), pytest.approx(0.999, abs=1e-3), True),
+    ], flaky_broker.timeline()
+    assert retry_worker.task_run(result.id).attempts[0].t == 10
+
+
+def test_without_heartbeats_a_worker_never_notices_and_consumes_once_it_ends(
+    retry_worker: Any, flaky_broker: Any, app: Any, celery_retry_clock: Any
+) -> None:
+    record = connected_worker(retry_worker, app, broker_heartbeat=0)
+    celery_retry_clock.advance(HANG_STARTS)
+    flaky_broker.outage(seconds=9.5, how="hang")
+    result = record.delay()
+
+    retry_worker.run_until_idle()
+
+    assert not [e for e in retry_worker.events if e.action == "connection lost"]
+    assert len(flaky_broker.connection_attempts) == 2  # the producer's and the consumer's
+    assert retry_worker.task_run(result.id).attempts[0].t == 10
+
+
+def hold_a_retry_through_a_hang(
+    retry_worker: Any, flaky_broker: Any, app: Any, for_ever: bool = False
+) -> Any:
+    @app.task(name="waits", bind=True, max_retries=1, shared=False)
+    def waits(self: Any) -> None:
+        if self.request.retries == 0:
+            raise self.retry(countdown=3)
+
+    @app.task(name="hangs", shared=False)
+    def hangs() -> None:
+        if for_ever:
+            flaky_broker.hang()
+        else:
+            flaky_broker.outage(seconds=9.5, how="hang")
+
+    # The retry is held for its ETA (3 s) when the hang begins, at 0.5 s.
+    first = waits.delay()
+    hangs.apply_async(countdown=HANG_STARTS)
+    retry_worker.run_until_idle()
+    return retry_worker.task_run(first.id)
+
+
+def test_a_held_retry_waits_in_basic_qos_and_runs_after_a_reconnect(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    app.conf.update(broker_heartbeat=2, broker_connection_timeout=1)
+    run = hold_a_retry_through_a_hang(retry_worker, flaky_broker, app)
+    # At the ETA (3 s) basic_qos waited for the broker until the hang ended (10 s), before a
+    # heartbeat check noticed; RabbitMQ had closed the connection for the heartbeats it
+    # missed: the worker reconnects and runs the redelivered retry (measured: 10.2 s).
+    qos = [(op.t, op.hung) for op in flaky_broker.operations if op.kind == "qos"]
+    assert qos == [(3, 7)], flaky_broker.timeline()
+    assert [attempt.t for attempt in run.attempts] == [0, 10]
+    assert run.attempts[1].redelivered
+    assert run.state == "SUCCESS"
+
+
+def test_without_heartbeats_a_held_retry_runs_when_the_hang_ends(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    app.conf.update(broker_heartbeat=0, broker_connection_timeout=1)
+    run = hold_a_retry_through_a_hang(retry_worker, flaky_broker, app)
+    assert [attempt.t for attempt in run.attempts] == [0, 10]
+    assert not run.attempts[1].redelivered
+
+
+def test_a_held_retry_in_a_hang_left_on_blocks_for_ever(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    app.conf.update(broker_heartbeat=0)
+    with pytest.raises(BlocksForeverError, match=re.escape("basic_qos")) as info:
+        hold_a_retry_through_a_hang(retry_worker, flaky_broker, app, for_ever=True)
+    assert "the worker's prefetch change would block for ever" in str(info.value)
+    assert flaky_broker.clock.elapsed == 3
+
+
+@pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
+def test_a_redis_workers_side_of_a_hang_is_refused_with_a_reason(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    retry_worker.run_until_idle()  # the worker's consumer connects
+    app.send_task("foo.task")
+    flaky_broker.hang()
+    with pytest.raises(UsageError, match="the worker's consume on a redis broker that hangs"):
+        retry_worker.run_until_idle()
