@@ -68,6 +68,24 @@ def test_a_worker_notices_a_hang_by_its_heartbeats(
     assert retry_worker.task_run(result.id).attempts[0].t == 10
 
 
+@pytest.mark.parametrize(("hang_starts", "noticed_after"), [(0.5, 5.5), (1.2, 4.133)])
+def test_when_the_worker_notices_depends_on_where_the_hang_falls_between_checks(
+    hang_starts: float,
+    noticed_after: float,
+    retry_worker: Any,
+    flaky_broker: Any,
+    app: Any,
+    celery_retry_clock: Any,
+) -> None:
+    record = connected_worker(retry_worker, app, broker_heartbeat=2)
+    celery_retry_clock.advance(hang_starts)
+    flaky_broker.outage(seconds=20, how="hang")
+    record.delay()
+    retry_worker.run_until_idle()
+    (lost,) = [e for e in retry_worker.events if e.action == "connection lost"]
+    assert lost.t - hang_starts == pytest.approx(noticed_after, abs=1e-3)
+
+
 def test_without_heartbeats_a_worker_never_notices_and_consumes_once_it_ends(
     retry_worker: Any, flaky_broker: Any, app: Any, celery_retry_clock: Any
 ) -> None:
