@@ -455,11 +455,12 @@ class InMemoryBroker:
         self._fail_if_faulty("consume", client, queue)
         return True
 
-    def on_settle(self, client: transport.Client) -> None:
+    def on_settle(self, client: transport.Client) -> bool:
         # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
-        if self._hangs_until() is not None:
-            self._rules_hung_wait("ack", client)
+        if self._hangs_until() is not None and self._rules_hung_wait("ack", client) is None:
+            return False  # no answer expected: it waits in the socket buffer
         self._fail_if_faulty("ack", client, None)
+        return True
 
     def on_qos(self, client: transport.Client) -> float | None:
         """The worker's consumer changes its prefetch count: how long it waited for a hung
@@ -577,8 +578,8 @@ class InMemoryBroker:
         except NotImplementedError:
             raise UsageError(
                 f"the worker's {kind} on a {self.flavor} broker that hangs is not simulated yet "
-                "(the pyamqp flavour's consumes, heartbeats and prefetch changes are; its acks "
-                "are not): end the hang before the worker needs the broker (flaky_broker.up(), "
+                "(the pyamqp flavour's consumes, acks, heartbeats and prefetch changes are): "
+                "end the hang before the worker needs the broker (flaky_broker.up(), "
                 "or an outage(seconds=..., how='hang') that is over by then), or test the "
                 "worker against a real broker with broker_proxy(...).blackhole()"
             ) from None

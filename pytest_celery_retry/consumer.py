@@ -107,6 +107,8 @@ class Consumer:
         # What the worker's loop raises at its next turn (a heartbeat check that failed).
         self.loop_error: BaseException | None = None
         self.heartbeats: Heartbeats | None = None
+        # An ETA's request went to the pool: the prefetch count comes down after it ran.
+        self._prefetch_drops = False
         # Why the worker is dead (retry_worker.redeliver): it sends nothing more, and the next
         # poll is a new worker's, after the broker took back what the dead one held.
         self.died_of: str | None = None
@@ -143,6 +145,7 @@ class Consumer:
                 if self.loop_error is not None:
                     error, self.loop_error = self.loop_error, None
                     raise error
+                self._after_the_pool()
                 self._fetch()
                 return
             except recoverable as exc:
@@ -312,8 +315,11 @@ class Consumer:
         self._connection_event(action, detail)
 
     def holds(self, task_id: str) -> bool:
-        """Whether a message of ``task_id`` waits here (a copy the broker delivered again)."""
+        """Whether a message of ``task_id`` waits here (a copy the broker delivered again, or
+        one whose ack waits for a hung broker)."""
         if any(request.id == task_id for request in self.ready):
+            return True
+        if self.connection.default_channel.settles_later(task_id):
             return True
         return any(getattr(arg, "id", None) == task_id for entry in self.held for arg in entry.args)
 
@@ -367,21 +373,26 @@ class Consumer:
                 clock.advance_to(min([next_timer, *(entry.due for entry in self.held[:1])]))
                 return True
         while self.held and self.held[0].due <= clock.now():
-            if self.held[0].priority == _ETA_PRIORITY and not self._prefetch_changed():
-                return True
             entry = heapq.heappop(self.held)
+            # Celery's apply_eta_task: the request goes to the pool, then the prefetch count
+            # comes down (at the loop's next turn: _after_the_pool).
+            self._prefetch_drops |= entry.priority == _ETA_PRIORITY
             entry.fire(*entry.args)
         return True
 
-    def _prefetch_changed(self) -> bool:
-        """The consumer lowers its prefetch count as an ETA comes (basic_qos): whether the
-        connection survived the broker's answer (a hung broker answers when the hang ends,
-        and then may have closed the connection for the heartbeats it missed)."""
-        hung = self.broker.on_qos(self.connection.transport)
-        if hung is None or self.heartbeats is None or not self.heartbeats.broker_closed_after(hung):
-            return True
-        self.loop_error = self.broker.rules.closed_by_broker_error(self.broker.address)
-        return False
+    def _after_the_pool(self) -> None:
+        """What the consumer's loop does once the pool took what was ready: change the
+        prefetch count (a hung broker answers when the hang ends, and may have closed the
+        connection for the heartbeats it missed by then), and, with the broker answering
+        again, let it have the acks a hang held back."""
+        if self._prefetch_drops and not self.ready:
+            self._prefetch_drops = False
+            hung = self.broker.on_qos(self.connection.transport)
+            heartbeats = self.heartbeats
+            if hung is not None and heartbeats is not None and heartbeats.broker_closed_after(hung):
+                raise self.broker.rules.closed_by_broker_error(self.broker.address)
+        if self.broker.hang_ends_at is None:
+            self.connection.default_channel.settle_stalled()
 
     # -- Celery's Request ------------------------------------------------------------------
     def _request_for(self, message: Any) -> Any:

@@ -208,13 +208,16 @@ class PyAmqp(Flavor):
             )
         if kind == "consume":
             return None  # a consumer waits for deliveries: a hang sends none
+        if kind == "ack":
+            return None  # basic_ack expects no answer: the frames wait in the socket buffer
         if kind == "qos":
-            # Measured by hand: at a held ETA, Celery's consumer lowers its prefetch count, and
-            # basic_qos waits for Qos-Ok in the event loop, which then checks no heartbeat.
+            # Measured (tests/real_limits_cases.py): after a held ETA's run, Celery's consumer
+            # lowers its prefetch count, and basic_qos waits for Qos-Ok in the event loop,
+            # which then checks no heartbeat.
             return HungWait(
                 None,
                 _timed_out,
-                "the worker's consumer changes its prefetch count when a held ETA comes "
+                "the worker's consumer changes its prefetch count after a held ETA's run "
                 "(basic_qos), and py-amqp waits for the broker's Qos-Ok without a timeout (no "
                 "setting bounds it; its event loop checks no heartbeat meanwhile): end the hang "
                 "(flaky_broker.up(), or outage(seconds=..., how='hang')) before the ETA",
