@@ -167,3 +167,35 @@ def test_a_redis_workers_side_of_a_hang_is_refused_with_a_reason(
     flaky_broker.hang()
     with pytest.raises(UsageError, match="the worker's consume on a redis broker that hangs"):
         retry_worker.run_until_idle()
+
+
+def test_what_a_user_writes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from celery import Celery
+
+        app = Celery("shop", broker="amqp://rabbit//")
+
+
+        @app.task(name="shop.order", bind=True, max_retries=1)
+        def order(self):
+            if self.request.retries == 0:
+                raise self.retry(countdown=3)
+
+
+        @pytest.fixture
+        def celery_retry_app():
+            return app
+
+
+        @pytest.mark.parametrize(("heartbeat", "runs"), [(2, [0, 3, 10]), (0, [0, 3])])
+        def test_a_retry_held_through_a_hang(retry_worker, flaky_broker, heartbeat, runs):
+            app.conf.broker_heartbeat = heartbeat
+            flaky_broker.outage(seconds=9.5, starting_in=0.5, how="hang")
+            run = retry_worker.apply(order)
+            assert [attempt.t for attempt in run.attempts] == runs
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
