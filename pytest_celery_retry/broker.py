@@ -446,15 +446,29 @@ class InMemoryBroker:
         self._record_delivery(queue, message)
         return True
 
-    def on_consume(self, client: transport.Client, queue: str) -> None:
+    def on_consume(self, client: transport.Client, queue: str) -> bool:
         # Polling an empty queue is not worth a record; a failure is.
-        self._refuse_the_workers_side_of_a_hang("consume")
+        self._deliver_stalled()
+        if self._hangs_until() is not None:
+            self._rules_hung_wait("consume", client)
+            return False  # a hung broker delivers nothing
         self._fail_if_faulty("consume", client, queue)
+        return True
 
-    def on_settle(self, client: transport.Client) -> None:
+    def on_settle(self, client: transport.Client) -> bool:
         # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
-        self._refuse_the_workers_side_of_a_hang("ack")
+        if self._hangs_until() is not None and self._rules_hung_wait("ack", client) is None:
+            return False  # no answer expected: it waits in the socket buffer
         self._fail_if_faulty("ack", client, None)
+        return True
+
+    def on_qos(self, client: transport.Client) -> float | None:
+        """The worker's consumer changes its prefetch count: how long it waited for a hung
+        broker's answer, if it did (``BlocksForeverError`` when it would wait for ever)."""
+        hung = self._wait_if_hung("qos", client)
+        if hung is not None:
+            self._record("qos", client.role, None, None, hung=hung)
+        return hung
 
     def on_deliver(self, message: Any) -> None:
         self._unacked[message.delivery_tag] = UnackedMessage(self.clock.elapsed, message)
@@ -498,7 +512,7 @@ class InMemoryBroker:
         if until is None or client.blocked_forever:
             # The client that blocked for ever never got to close what the error unwinds.
             return None
-        wait = self.rules.hung_wait(kind, client.settings(confirm_timeout))
+        wait = self._rules_hung_wait(kind, client, confirm_timeout)
         if wait is None:
             return None
         now = self.clock.elapsed
@@ -544,22 +558,49 @@ class InMemoryBroker:
                 frames.record.delivered = True
 
     def _blocks_forever(self, kind: RecordedKind, why: str) -> str:
-        what = {"connect": "connecting", "publish": "publishing", "close": "closing a channel"}
+        what = {
+            "connect": "connecting",
+            "publish": "publishing",
+            "close": "closing a channel",
+            "qos": "the worker's prefetch change",
+        }
         return (
             f"{what.get(kind, kind)} would block for ever in production: the broker hangs "
             f"(flaky_broker.hang() at t={format_seconds(self._down_since)}, no up() since) and "
             f"{why}.\n\n{self.timeline()}"
         )
 
-    def _refuse_the_workers_side_of_a_hang(self, kind: OperationKind) -> None:
-        if self._hangs_until() is not None:
+    def _rules_hung_wait(
+        self, kind: RecordedKind, client: transport.Client, confirm_timeout: float | None = None
+    ) -> flavors.HungWait | None:
+        try:
+            return self.rules.hung_wait(kind, client.settings(confirm_timeout))
+        except NotImplementedError:
             raise UsageError(
-                f"the worker's {kind} on a broker that hangs is not simulated yet (nor its "
-                "other reads, acks and heartbeats): end the hang before the worker needs the "
-                "broker (flaky_broker.up(), or an outage(seconds=..., how='hang') that is over "
-                "by then), or test the worker against a real broker with "
-                "broker_proxy(...).blackhole()"
-            )
+                f"the worker's {kind} on a {self.flavor} broker that hangs is not simulated yet "
+                "(the pyamqp flavour's consumes, acks, heartbeats and prefetch changes are): "
+                "end the hang before the worker needs the broker (flaky_broker.up(), "
+                "or an outage(seconds=..., how='hang') that is over by then), or test the "
+                "worker against a real broker with broker_proxy(...).blackhole()"
+            ) from None
+
+    def hanging_at(self, t: float) -> bool:
+        """Whether the broker hangs at virtual time ``t`` (now or later, as scheduled)."""
+        if self._suspended:
+            return False
+        if self._down and self._down_how == "hang" and t >= self._down_since:
+            return True
+        return any(start <= t < end and how == "hang" for start, end, how in self._outages)
+
+    @property
+    def hang_ends_at(self) -> float | None:
+        """When the current hang ends (``inf``: at :meth:`up`); None when there is none."""
+        return self._hangs_until()
+
+    @property
+    def holds_undelivered(self) -> bool:
+        """Whether messages wait for a consumer: queued, or stalled in a hung connection."""
+        return bool(self._stalled) or any(q.qsize() for q in self.queues.values())
 
     def _operate(
         self,

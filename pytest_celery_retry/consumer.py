@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +30,13 @@ from .transport import CONSUMER_ROLE_OPTION
 
 if TYPE_CHECKING:
     from .broker import InMemoryBroker
+    from .flavors import Heartbeats
     from .session import AppInstallation
 
 __all__ = ["Consumer", "Settled"]
 
+# The priority Celery's default strategy gives an ETA message on the worker's timer.
+_ETA_PRIORITY = 6
 # Told what became of a message the consumer settled: its task id and the action
 # ("acked", "rejected", "requeued", or "ack failed", "reject failed", "requeue failed").
 Settled = Callable[[str, str], None]
@@ -100,6 +104,11 @@ class Consumer:
         self.checked_at: float | None = None
         # Why the connection is known to be dead before the next poll (a failed ack).
         self.broken_by: str | None = None
+        # What the worker's loop raises at its next turn (a heartbeat check that failed).
+        self.loop_error: BaseException | None = None
+        self.heartbeats: Heartbeats | None = None
+        # An ETA's request went to the pool: the prefetch count comes down after it ran.
+        self._prefetch_drops = False
         # Why the worker is dead (retry_worker.redeliver): it sends nothing more, and the next
         # poll is a new worker's, after the broker took back what the dead one held.
         self.died_of: str | None = None
@@ -115,6 +124,7 @@ class Consumer:
         # channel's ticks) count from here.
         self.registered_at = self.broker.clock.elapsed
         self.checked_at = None
+        self.heartbeats = self.broker.rules.heartbeats(self.app, self.registered_at)
         return connected
 
     def close(self) -> None:
@@ -132,6 +142,10 @@ class Consumer:
                 if self.broken_by is not None:
                     # A real consumer's next read on the dead socket fails.
                     self._on_connection_lost(self.broken_by)
+                if self.loop_error is not None:
+                    error, self.loop_error = self.loop_error, None
+                    raise error
+                self._after_the_pool()
                 self._fetch()
                 return
             except recoverable as exc:
@@ -219,7 +233,7 @@ class Consumer:
                 eta = request.eta
                 if eta is not None and eta > now:
                     # Celery's default strategy: the ETA first, then the rate limit.
-                    self.call_at(eta, self._admit, (request,), priority=6)
+                    self.call_at(eta, self._admit, (request,), priority=_ETA_PRIORITY)
                 else:
                     self._admit(request)
 
@@ -301,8 +315,11 @@ class Consumer:
         self._connection_event(action, detail)
 
     def holds(self, task_id: str) -> bool:
-        """Whether a message of ``task_id`` waits here (a copy the broker delivered again)."""
+        """Whether a message of ``task_id`` waits here (a copy the broker delivered again, or
+        one whose ack waits for a hung broker)."""
         if any(request.id == task_id for request in self.ready):
+            return True
+        if self.connection.default_channel.settles_later(task_id):
             return True
         return any(getattr(arg, "id", None) == task_id for entry in self.held for arg in entry.args)
 
@@ -317,24 +334,65 @@ class Consumer:
         worker holds unacknowledged (a redis visibility sweep that restores it, RabbitMQ's
         tick that closes the channel), unless a scheduled outage begins first: a real worker
         notices a lost connection while it waits. The caller polls the broker again after the
-        wait, and sees the outage there.
+        wait, and sees the outage there. While the broker hangs, the worker also waits for
+        the hang's end when messages wait for it, and checks its heartbeats.
         """
         clock = self.broker.clock
+        now = clock.elapsed
+
+        def at(t: float) -> datetime:
+            return clock.now() + timedelta(seconds=max(t - now, 0))
+
         wake = [self.held[0].due] if self.held else []
         limit = self.limit.next_action(self) if self.limit is not None else None
         if limit is not None:
-            wake.append(clock.now() + timedelta(seconds=max(limit - clock.elapsed, 0)))
+            wake.append(at(limit))
+        hang_ends_at = self.broker.hang_ends_at
+        if hang_ends_at is not None and hang_ends_at != math.inf and self.broker.holds_undelivered:
+            wake.append(at(hang_ends_at))
         if not wake:
             return False
         outage = self.broker.next_outage_start
         due = min(wake)
         if outage is not None:
-            due = min(due, clock.now() + timedelta(seconds=outage - clock.elapsed))
+            due = min(due, at(outage))
+        check = check_at = None
+        if hang_ends_at is not None and self.heartbeats is not None:
+            check = self.heartbeats.next_check(now)
+            check_at = at(check)
+            due = min(due, check_at)
         clock.advance_to(due)
-        while self.held and self.held[0].due <= due:
+        if check is not None and self.heartbeats is not None and due == check_at:
+            try:
+                self.heartbeats.check(check, lambda t: not self.broker.hanging_at(t))
+            except tuple(self.connection.connection_errors) as exc:
+                # Celery's event loop raises the check's error at its next turn, when the hub's
+                # poll returns: at its next timer, as a hung broker sends nothing.
+                self.loop_error = exc
+                next_timer = clock.now() + timedelta(seconds=self.heartbeats.interval)
+                clock.advance_to(min([next_timer, *(entry.due for entry in self.held[:1])]))
+                return True
+        while self.held and self.held[0].due <= clock.now():
             entry = heapq.heappop(self.held)
+            # Celery's apply_eta_task: the request goes to the pool, then the prefetch count
+            # comes down (at the loop's next turn: _after_the_pool).
+            self._prefetch_drops |= entry.priority == _ETA_PRIORITY
             entry.fire(*entry.args)
         return True
+
+    def _after_the_pool(self) -> None:
+        """What the consumer's loop does once the pool took what was ready: change the
+        prefetch count (a hung broker answers when the hang ends, and may have closed the
+        connection for the heartbeats it missed by then), and, with the broker answering
+        again, let it have the acks a hang held back."""
+        if self._prefetch_drops and not self.ready:
+            self._prefetch_drops = False
+            hung = self.broker.on_qos(self.connection.transport)
+            heartbeats = self.heartbeats
+            if hung is not None and heartbeats is not None and heartbeats.broker_closed_after(hung):
+                raise self.broker.rules.closed_by_broker_error(self.broker.address)
+        if self.broker.hang_ends_at is None:
+            self.connection.default_channel.settle_stalled()
 
     # -- Celery's Request ------------------------------------------------------------------
     def _request_for(self, message: Any) -> Any:

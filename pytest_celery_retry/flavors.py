@@ -27,6 +27,7 @@ __all__ = [
     "ClientSettings",
     "ConsumerTimeout",
     "Flavor",
+    "Heartbeats",
     "HeldLimit",
     "HungWait",
     "PyAmqp",
@@ -104,8 +105,13 @@ class Flavor:
 
     def hung_wait(self, kind: RecordedKind, client: ClientSettings) -> HungWait | None:
         """How the real client waits when the broker never answers ``kind`` (None: it does not
-        wait for an answer). Only connects, publishes and channel closes are modelled."""
+        wait for an answer). Raises NotImplementedError for what is not modelled."""
         raise NotImplementedError
+
+    def heartbeats(self, app: Any, opened_at: float) -> Heartbeats | None:
+        """The heartbeats a worker's consumer connection opened at ``opened_at`` checks, if
+        the transport has any (kombu's ``supports_heartbeats``) and they are on."""
+        return None
 
     def address(self, url: str | None) -> str:
         """``host:port`` of the (first) broker in ``url``, with this flavour's default port."""
@@ -125,9 +131,11 @@ class Flavor:
 FLAVORS: dict[str, Flavor] = {}
 # The URL scheme of an in-memory broker of flavour ``name`` is this prefix and the name.
 INSTALLED_SCHEME_PREFIX = "celery-retry-"
-# RabbitMQ's defaults: ``consumer_timeout`` (30 min) and ``channel_tick_interval`` (60 s).
+# RabbitMQ's defaults: ``consumer_timeout`` (30 min), ``channel_tick_interval`` (60 s) and the
+# ``heartbeat`` it proposes to clients (60 s).
 CONSUMER_TIMEOUT = 1800.0
 CHANNEL_TICK_INTERVAL = 60.0
+RABBITMQ_HEARTBEAT = 60.0
 
 
 class PyAmqp(Flavor):
@@ -198,7 +206,34 @@ class PyAmqp(Flavor):
                 "after a failed publish (a confirm_timeout with retry=False): publish with "
                 "retry=True, which drops a failed connection without a word",
             )
+        if kind == "consume":
+            return None  # a consumer waits for deliveries: a hang sends none
+        if kind == "ack":
+            return None  # basic_ack expects no answer: the frames wait in the socket buffer
+        if kind == "qos":
+            # Measured (tests/real_limits_cases.py): after a held ETA's run, Celery's consumer
+            # lowers its prefetch count, and basic_qos waits for Qos-Ok in the event loop,
+            # which then checks no heartbeat.
+            return HungWait(
+                None,
+                _timed_out,
+                "the worker's consumer changes its prefetch count after a held ETA's run "
+                "(basic_qos), and py-amqp waits for the broker's Qos-Ok without a timeout (no "
+                "setting bounds it; its event loop checks no heartbeat meanwhile): end the hang "
+                "(flaky_broker.up(), or outage(seconds=..., how='hang')) before the ETA",
+            )
         raise NotImplementedError(kind)
+
+    def heartbeats(self, app: Any, opened_at: float) -> Heartbeats | None:
+        from .heartbeats import AmqpHeartbeats
+
+        # Celery's consumer asks for broker_heartbeat; py-amqp's Connection._on_tune takes the
+        # smaller of that and the broker's proposal, and none when the client asks for none.
+        asked = float(app.conf.broker_heartbeat or 0)
+        heartbeat = min(asked, RABBITMQ_HEARTBEAT) if asked > 0 else 0.0
+        if not heartbeat:
+            return None
+        return AmqpHeartbeats(heartbeat, float(app.conf.broker_heartbeat_checkrate), opened_at)
 
 
 class Redis(Flavor):
@@ -329,6 +364,24 @@ class Holder(Protocol):
 
     def restore(self, messages: list[Any], action: str, detail: str) -> None:
         """Put copies of ``messages`` back on their queue, marked redelivered; log why."""
+
+
+class Heartbeats(Protocol):
+    """A worker connection's heartbeat checks (``heartbeats.AmqpHeartbeats``)."""
+
+    @property
+    def interval(self) -> float:
+        """Seconds between the worker loop's checks."""
+
+    def next_check(self, now: float) -> float:
+        """When the worker's loop next checks."""
+
+    def check(self, now: float, answering: Callable[[float], bool]) -> None:
+        """Run the check due at ``now`` (``answering(t)``: the broker sends at ``t``); raises
+        the client's error once it has missed too many heartbeats."""
+
+    def broker_closed_after(self, hung: float) -> bool:
+        """Whether the broker closed the connection while it hung ``hung`` seconds."""
 
 
 class HeldLimit(Protocol):

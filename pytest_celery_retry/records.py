@@ -16,7 +16,7 @@ RunState = Literal["SUCCESS", "FAILURE", "RETRY", "PENDING"]
 OperationKind = Literal["connect", "publish", "consume", "ack"]
 # What the broker records: the operations faults apply to, and a channel close on a broker
 # that hangs (py-amqp waits for its answer).
-RecordedKind = Literal["connect", "publish", "consume", "ack", "close"]
+RecordedKind = Literal["connect", "publish", "consume", "ack", "close", "qos"]
 # What the fault proxy did with a TCP connection a client opened.
 ConnectionOutcome = Literal["accepted", "refused", "blackholed"]
 

@@ -9,7 +9,8 @@ code decides, as in production, what to retry.
 
 from __future__ import annotations
 
-from queue import Queue
+from collections.abc import Callable
+from queue import Empty, Queue
 from typing import Any, Protocol
 
 import kombu.transport as kombu_transport
@@ -63,11 +64,12 @@ class Broker(Protocol):
         Returns whether the message reaches its queue now (else the broker delivers it later).
         """
 
-    def on_consume(self, client: Client, queue: str) -> None:
-        """Raise the poll's fault, if any."""
+    def on_consume(self, client: Client, queue: str) -> bool:
+        """Raise the poll's fault, if any; whether the broker answers it (a hung one does not)."""
 
-    def on_settle(self, client: Client) -> None:
-        """Raise the ack's (or reject's) fault, if any."""
+    def on_settle(self, client: Client) -> bool:
+        """Raise the ack's (or reject's) fault, if any; whether it reaches the broker now (a
+        hung one gets it when the hang ends, if the connection lasts)."""
 
     def on_deliver(self, message: Any) -> None:
         """A consumer received ``message``: it is unacknowledged from now on."""
@@ -113,15 +115,40 @@ class _Channel(memory.Channel):
     def __init__(self, connection: _Transport, **kwargs: Any) -> None:
         # memory.Channel keeps its queues on the class: every test would share them.
         self.queues = connection.broker.queues
+        # Acks and rejects sent into a hung broker's socket buffer, by delivery tag.
+        self.stalled: dict[Any, Callable[[], None]] = {}
         super().__init__(connection, **kwargs)
 
     def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
-        self.connection.broker.on_settle(self.connection)
-        super().basic_ack(delivery_tag, multiple)
+        if self.connection.broker.on_settle(self.connection):
+            super().basic_ack(delivery_tag, multiple)
+        else:
+            self.stalled[delivery_tag] = lambda: super(_Channel, self).basic_ack(
+                delivery_tag, multiple
+            )
 
     def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        self.connection.broker.on_settle(self.connection)
-        super().basic_reject(delivery_tag, requeue=requeue)
+        if self.connection.broker.on_settle(self.connection):
+            super().basic_reject(delivery_tag, requeue=requeue)
+        else:
+            self.stalled[delivery_tag] = lambda: super(_Channel, self).basic_reject(
+                delivery_tag, requeue=requeue
+            )
+
+    def settle_stalled(self) -> None:
+        """The broker gets the acks and rejects that waited in the socket buffer of a hang.
+
+        Until then the channel holds their messages unacknowledged: a connection that closes
+        first gives them back to the queue, to be delivered again.
+        """
+        stalled, self.stalled = self.stalled, {}
+        for settle in stalled.values():
+            settle()
+
+    def settles_later(self, task_id: str) -> bool:
+        """Whether an ack or reject of a message of ``task_id`` waits in the socket buffer."""
+        messages = (self.qos.get(tag) for tag in self.stalled)
+        return any((message.headers or {}).get("id") == task_id for message in messages)
 
     def _restore(self, message: Any) -> None:
         # Returning an unacknowledged message to its queue is the broker's own doing (the
@@ -159,7 +186,8 @@ class _Channel(memory.Channel):
         super().close()
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        self.connection.broker.on_consume(self.connection, queue)
+        if not self.connection.broker.on_consume(self.connection, queue):
+            raise Empty()
         message: dict[str, Any] = super()._get(queue, timeout)
         return message
 

@@ -524,6 +524,44 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
     assert runs[0] - restored < 6
 
 
+@real_broker
+@pytest.mark.parametrize("heartbeat", [2, 0], ids=["heartbeat-2", "heartbeat-0"])
+def test_amqp_worker_holding_a_retry_waits_out_a_hang(
+    heartbeat: int, broker_proxy: ProxyFactory, app: Any
+) -> None:
+    # Simulated in test_hanging_worker.py: the retry runs at its ETA, its ack waits in the
+    # socket buffer and basic_qos for the hang's end; with heartbeats RabbitMQ has closed the
+    # connection by then, and the reconnected worker runs the retry again.
+    proxy = broker_proxy("amqp")
+    hang_config(app)
+    app.conf.broker_heartbeat = heartbeat
+    queue = new_name()
+    try:
+        with recording(app, countdown=3) as recorder, start_worker(app, queue):
+            assert wait_until(lambda: consumers_of(queue) > 0, 10), proxy.timeline()
+            app.send_task("waits", queue=queue)
+            assert wait_until(lambda: bool(recorder.received[1:]), 10), recorder.received
+            time.sleep(0.5)
+            proxy.blackhole()
+            time.sleep(9.5)
+            proxy.restore()
+            restored = time.monotonic() - recorder.started
+            time.sleep(6)
+    finally:
+        proxy.restore()
+        forget("amqp", queue)
+    # Measured: the retry ran at its ETA (3.1-3.2 s) in the hang; with heartbeats it ran again,
+    # redelivered, 0.1-0.2 s after the hang ended (RabbitMQ had closed the connection, and the
+    # ack waiting in the socket buffer was lost); without them, once.
+    runs = [(round(run.t), run.redelivered) for run in recorder.retries(recorder.runs)]
+    assert runs[0] == (3, False), recorder.runs
+    if heartbeat:
+        assert len(runs) == 2 and runs[1][1], recorder.runs
+        assert restored <= recorder.retries(recorder.runs)[1].t <= restored + 2.5, recorder.runs
+    else:
+        assert len(runs) == 1, recorder.runs
+
+
 # -- 6. Quorum queues: native delayed delivery (celery#9912, #10111) -------------------------
 @contextlib.contextmanager
 def own_vhost() -> Iterator[str]:

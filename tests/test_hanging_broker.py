@@ -228,16 +228,6 @@ def test_a_worker_that_connects_into_a_hang_left_on(
     assert "hung 4.001s, FAILED" in flaky_broker.timeline()
 
 
-def test_the_workers_side_of_a_hang_is_refused_with_a_reason(
-    retry_worker: Any, flaky_broker: Any, app: Any
-) -> None:
-    retry_worker.run_until_idle()  # the worker's consumer connects
-    app.send_task("foo.task")
-    flaky_broker.hang()
-    with pytest.raises(UsageError, match="the worker's consume on a broker that hangs"):
-        retry_worker.run_until_idle()
-
-
 def test_what_a_user_writes(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

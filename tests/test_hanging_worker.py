@@ -1,0 +1,201 @@
+"""The worker's side of a broker that hangs (issue #13, item 4), on the virtual clock.
+
+A RabbitMQ worker's consumer waits for deliveries that a hung broker never sends. Celery's
+event loop checks the connection's heartbeats every ``broker_heartbeat /
+broker_heartbeat_checkrate`` seconds with py-amqp's own ``heartbeat_tick``, which raises
+``ConnectionForced('Too many heartbeats missed')``; the consumer then reconnects with Celery's
+own policy, each connect timing out at ``broker_connection_timeout``. At a held ETA the
+consumer's ``basic_qos`` waits for the broker's answer without a timeout. The figures measured
+on a real RabbitMQ behind ``broker_proxy("amqp").blackhole()`` are in docs/broker-limits.md
+(``real_limits_cases.py::test_amqp_worker_notices_a_hang_by_its_heartbeat``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from pytest_celery_retry import BlocksForeverError, UsageError
+
+# The real test's hang began 0.5 s after RabbitMQ had the worker's consumer.
+HANG_STARTS = 0.5
+
+
+def record_task(app: Any) -> Any:
+    @app.task(name="record", shared=False)
+    def record() -> None:
+        pass
+
+    return record
+
+
+def connected_worker(retry_worker: Any, app: Any, **config: Any) -> Any:
+    """A worker whose consumer connected at 0, and a pooled producer connection."""
+    app.conf.update(broker_connection_timeout=1, **config)
+    record = record_task(app)
+    record.delay()
+    retry_worker.run_until_idle()
+    return record
+
+
+def test_a_worker_notices_a_hang_by_its_heartbeats(
+    retry_worker: Any, flaky_broker: Any, app: Any, celery_retry_clock: Any
+) -> None:
+    record = connected_worker(retry_worker, app, broker_heartbeat=2)
+    celery_retry_clock.advance(HANG_STARTS)
+    flaky_broker.outage(seconds=9.5, how="hang")  # from 0.5 to 10 s, as measured
+    result = record.delay()  # py-amqp without confirms: the frames wait in the socket buffer
+
+    retry_worker.run_until_idle()
+
+    lost = [e for e in retry_worker.events if e.action == "connection lost"]
+    assert [e.detail for e in lost] == [
+        "ConnectionForced(None, 'Too many heartbeats missed', None, '')"
+    ]
+    # Checks every 2 / 3 s (broker_heartbeat_checkrate=3): the last that heard the broker was
+    # at 0.667 s, the first more than 4 s later at 5.333 s, and the loop raised its error at
+    # its next turn. Measured: 4.8 s after the hang began (the phase of the checks decides).
+    assert lost[0].t - HANG_STARTS == pytest.approx(5.5, abs=1e-3)
+    # Celery's reconnects: at once, then 2 s after the 1 s timeout (measured: at 4.8 and 7.9 s
+    # after the hang began, then 4 s later). The broker answers the second when the hang ends.
+    connects = [(op.t, op.hung, op.ok) for op in flaky_broker.connection_attempts[2:]]
+    assert connects == [
+        (pytest.approx(6.0, abs=1e-3), 1.001, False),
+        (pytest.approx(9.001, abs=1e-3), pytest.approx(0.999, abs=1e-3), True),
+    ], flaky_broker.timeline()
+    assert retry_worker.task_run(result.id).attempts[0].t == 10
+
+
+@pytest.mark.parametrize(("hang_starts", "noticed_after"), [(0.5, 5.5), (1.2, 4.133)])
+def test_when_the_worker_notices_depends_on_where_the_hang_falls_between_checks(
+    hang_starts: float,
+    noticed_after: float,
+    retry_worker: Any,
+    flaky_broker: Any,
+    app: Any,
+    celery_retry_clock: Any,
+) -> None:
+    record = connected_worker(retry_worker, app, broker_heartbeat=2)
+    celery_retry_clock.advance(hang_starts)
+    flaky_broker.outage(seconds=20, how="hang")
+    record.delay()
+    retry_worker.run_until_idle()
+    (lost,) = [e for e in retry_worker.events if e.action == "connection lost"]
+    assert lost.t - hang_starts == pytest.approx(noticed_after, abs=1e-3)
+
+
+def test_without_heartbeats_a_worker_never_notices_and_consumes_once_it_ends(
+    retry_worker: Any, flaky_broker: Any, app: Any, celery_retry_clock: Any
+) -> None:
+    record = connected_worker(retry_worker, app, broker_heartbeat=0)
+    celery_retry_clock.advance(HANG_STARTS)
+    flaky_broker.outage(seconds=9.5, how="hang")
+    result = record.delay()
+
+    retry_worker.run_until_idle()
+
+    assert not [e for e in retry_worker.events if e.action == "connection lost"]
+    assert len(flaky_broker.connection_attempts) == 2  # the producer's and the consumer's
+    assert retry_worker.task_run(result.id).attempts[0].t == 10
+
+
+def hold_a_retry_through_a_hang(retry_worker: Any, flaky_broker: Any, app: Any) -> Any:
+    @app.task(name="waits", bind=True, max_retries=1, shared=False)
+    def waits(self: Any) -> None:
+        if self.request.retries == 0:
+            raise self.retry(countdown=3)
+
+    # The retry is held for its ETA (3 s) when the hang begins, at 0.5 s.
+    flaky_broker.outage(seconds=9.5, starting_in=HANG_STARTS, how="hang")
+    return retry_worker.apply(waits)
+
+
+def test_a_held_retry_runs_at_its_eta_and_again_after_the_heartbeats_closed_the_connection(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    app.conf.update(broker_heartbeat=2, broker_connection_timeout=1)
+    run = hold_a_retry_through_a_hang(retry_worker, flaky_broker, app)
+    # The retry runs at its ETA (3 s) in the hang, and its ack waits in the socket buffer;
+    # then basic_qos waits for the broker until the hang ends (10 s), before a heartbeat check
+    # noticed. RabbitMQ closed the connection for the heartbeats it missed: the ack is lost, and
+    # the reconnected worker runs the retry once more, redelivered. Measured: 3.2 s and
+    # 10.36 s (redelivered).
+    qos = [(op.t, op.hung) for op in flaky_broker.operations if op.kind == "qos"]
+    assert qos == [(3, 7)], flaky_broker.timeline()
+    assert [attempt.t for attempt in run.attempts] == [0, 3, 10]
+    assert [attempt.redelivered for attempt in run.attempts] == [False, False, True]
+    assert run.state == "SUCCESS"
+
+
+def test_without_heartbeats_a_held_retry_runs_once_and_its_ack_arrives_after_the_hang(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    app.conf.update(broker_heartbeat=0, broker_connection_timeout=1)
+    run = hold_a_retry_through_a_hang(retry_worker, flaky_broker, app)
+    # Measured: once, at 3.1 s.
+    assert [attempt.t for attempt in run.attempts] == [0, 3]
+    assert not flaky_broker.unacked
+    assert flaky_broker.pending() == 0
+
+
+def test_a_held_message_in_a_hang_left_on_blocks_for_ever(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    @app.task(name="hangs", shared=False)
+    def hangs() -> None:
+        flaky_broker.hang()
+
+    app.conf.update(broker_heartbeat=0)
+    hangs.apply_async(countdown=HANG_STARTS)
+    # It runs at its ETA; then the consumer's basic_qos waits for an answer that never comes.
+    with pytest.raises(BlocksForeverError, match=re.escape("basic_qos")) as info:
+        retry_worker.run_until_idle()
+    assert "the worker's prefetch change would block for ever" in str(info.value)
+    (run,) = retry_worker.runs.values()
+    assert [attempt.t for attempt in run.attempts] == [HANG_STARTS]
+    assert flaky_broker.clock.elapsed == HANG_STARTS
+
+
+@pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
+def test_a_redis_workers_side_of_a_hang_is_refused_with_a_reason(
+    retry_worker: Any, flaky_broker: Any, app: Any
+) -> None:
+    retry_worker.run_until_idle()  # the worker's consumer connects
+    app.send_task("foo.task")
+    flaky_broker.hang()
+    with pytest.raises(UsageError, match="the worker's consume on a redis broker that hangs"):
+        retry_worker.run_until_idle()
+
+
+def test_what_a_user_writes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from celery import Celery
+
+        app = Celery("shop", broker="amqp://rabbit//")
+
+
+        @app.task(name="shop.order", bind=True, max_retries=1)
+        def order(self):
+            if self.request.retries == 0:
+                raise self.retry(countdown=3)
+
+
+        @pytest.fixture
+        def celery_retry_app():
+            return app
+
+
+        @pytest.mark.parametrize(("heartbeat", "runs"), [(2, [0, 3, 10]), (0, [0, 3])])
+        def test_a_retry_held_through_a_hang(retry_worker, flaky_broker, heartbeat, runs):
+            app.conf.broker_heartbeat = heartbeat
+            flaky_broker.outage(seconds=9.5, starting_in=0.5, how="hang")
+            run = retry_worker.apply(order)
+            assert [attempt.t for attempt in run.attempts] == runs
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
