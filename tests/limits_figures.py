@@ -11,6 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+from kombu.transport import redis as redis_transport
+
+# kombu 5.7 made the redis sweep timer configurable (unacked_restore_interval / _throttle);
+# before, a sweep runs every 10 x 10 s whatever the transport options say.
+SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
+needs_sweep_options = pytest.mark.skipif(
+    not SWEEP_OPTIONS_WORK, reason="kombu < 5.7 has a fixed sweep timer (every 100 s)"
+)
+
 # A sweep every second instead of every 10 x 10 s (kombu 5.7's unacked_restore_* options).
 FAST_SWEEP = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kombu.transport import redis as redis_transport
 
 from pytest_celery_retry import UsageError, WorkerStoppedError
 from pytest_celery_retry.flavors import ConsumerTimeout, VisibilityTimeout
 from tests.conftest import actions, make_app
-from tests.limits_figures import RABBITMQ, REDIS, RabbitClose, RedisCopies
-
-SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
-needs_sweep_options = pytest.mark.skipif(
-    not SWEEP_OPTIONS_WORK, reason="kombu < 5.7 has a fixed sweep timer (every 100 s)"
+from tests.limits_figures import (
+    RABBITMQ,
+    REDIS,
+    RabbitClose,
+    RedisCopies,
+    needs_sweep_options,
 )
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from pytest_celery_retry import UsageError, assert_fits_broker_limits
 from tests.conftest import make_app
-from tests.limits_figures import FAST_SWEEP
+from tests.limits_figures import FAST_SWEEP, needs_sweep_options
 
 USER_TESTS = """
 import pytest
@@ -48,6 +48,7 @@ def run_user_tests(pytester: pytest.Pytester, url: str, options: Any, setup: str
     return pytester.runpytest("-p", "no:randomly")
 
 
+@needs_sweep_options
 def test_redis_failure_names_the_retry_the_limit_and_the_duplicates(
     pytester: pytest.Pytester,
 ) -> None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kombu.transport import redis as redis_transport
 
 from pytest_celery_retry import UsageError
 from pytest_celery_retry.flavors import VisibilityTimeout
 from tests.conftest import actions, consumer_connects, make_app, make_poll_app
+from tests.limits_figures import needs_sweep_options
 
 # kombu 5.7 made the redis sweep timer configurable (unacked_restore_interval / _throttle);
 # before, a sweep runs at registration and then every 10th call of a 10 s timer.
-SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
 FAST_SWEEP = {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 
 
@@ -88,7 +87,7 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_the_next_visibility_swee
     assert [t for t, _, _ in flaky_broker.redeliveries] == [103]
 
 
-@pytest.mark.skipif(not SWEEP_OPTIONS_WORK, reason="kombu < 5.7 has a fixed sweep timer")
+@needs_sweep_options
 @pytest.mark.parametrize("celery_retry_flavor", ["redis"], indirect=True)
 @pytest.mark.parametrize(
     "celery_retry_app", [{"visibility_timeout": 6, **FAST_SWEEP}], indirect=True
@@ -154,7 +153,7 @@ class TestVisibilityTimeout:
         assert policy.visibility_timeout == 3600
         assert policy.sweep_every == 100
 
-    @pytest.mark.skipif(not SWEEP_OPTIONS_WORK, reason="kombu < 5.7 has a fixed sweep timer")
+    @needs_sweep_options
     def test_transport_options_set_it(self):
         app = make_app(broker_transport_options={"visibility_timeout": 30, **FAST_SWEEP})
 
