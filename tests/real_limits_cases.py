@@ -562,6 +562,51 @@ def test_amqp_worker_holding_a_retry_waits_out_a_hang(
         assert len(runs) == 1, recorder.runs
 
 
+@real_broker
+@pytest.mark.holds_no_rabbitmq_delivery
+@pytest.mark.parametrize(
+    ("socket_timeout", "late_by"),
+    [(1, 2.5), (None, 1.0)],
+    ids=["socket-timeout-1", "no-socket-timeout"],
+)
+def test_redis_worker_holding_a_retry_waits_out_a_hang(
+    socket_timeout: float | None, late_by: float, broker_proxy: ProxyFactory, app: Any
+) -> None:
+    # Not simulated yet (the in-memory worker refuses it: test_hanging_worker.py). What blocks
+    # the real worker's event loop through the hang, seen in thread dumps: kombu 5.7's
+    # binding-expiry refresh (a timer every 1 s: a synchronous Redis script call) and Celery's
+    # worker-heartbeat event publish (every 2 s; kombu's ensure reconnects, and each connect's
+    # health-check PING waits out socket_timeout). The ETA's timer waits for the loop.
+    proxy = broker_proxy("redis")
+    queue = new_name()
+    # Our own unacked keys: a sweep of kombu's shared ones would restore other tests' messages.
+    keys = {
+        f"unacked{suffix}_key": f"{queue}-unacked{suffix}" for suffix in ("", "_index", "_mutex")
+    }
+    options: dict[str, Any] = dict(keys)
+    if socket_timeout is not None:
+        options["socket_timeout"] = socket_timeout
+    hang_config(app, **options)
+    try:
+        with recording(app, countdown=3) as recorder, start_worker(app, queue):
+            app.send_task("waits", queue=queue)
+            assert wait_until(lambda: bool(recorder.received[1:]), 10), recorder.received
+            time.sleep(0.5)
+            proxy.blackhole()
+            time.sleep(9.5)
+            proxy.restore()
+            restored = time.monotonic() - recorder.started
+            time.sleep(6)
+    finally:
+        proxy.restore()
+        forget("redis", queue, *keys.values())
+    # Measured: the retry, due at 3 s, runs once after the hang ended, not redelivered: 1.0 s
+    # after with socket_timeout=1 (11.2 s), at once without it (10.15 s).
+    retries = recorder.retries(recorder.runs)
+    assert [run.redelivered for run in retries] == [False], recorder.runs
+    assert restored <= retries[0].t <= restored + late_by, (restored, recorder.runs)
+
+
 # -- 6. Quorum queues: native delayed delivery (celery#9912, #10111) -------------------------
 @contextlib.contextmanager
 def own_vhost() -> Iterator[str]:
