@@ -591,8 +591,9 @@ def test_redis_worker_holding_a_retry_waits_out_a_hang(
     broker_proxy: ProxyFactory,
     app: Any,
 ) -> None:
-    # Not simulated yet (the in-memory worker refuses it: test_hanging_worker.py). What blocks
-    # the real worker's event loop in the hang, seen in thread dumps: kombu 5.7's
+    # Simulated without worker heartbeats in test_hanging_worker.py (the ack waits out
+    # socket_timeout). What else blocks the real worker's event loop in the hang, seen in
+    # thread dumps, and which the simulated worker does not run: kombu 5.7's
     # binding-expiry refresh (a timer every 1 s: a synchronous Redis script call, which waits
     # out socket_timeout, or the hang without it) and Celery's worker-heartbeat event publish
     # (every 2 s: kombu's ensure reconnects, each connect's PING waiting out socket_timeout,
