@@ -240,3 +240,37 @@ def test_what_a_user_writes(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=2)
+
+
+def test_what_a_user_of_redis_writes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from celery import Celery
+
+        app = Celery("shop", broker="redis://cache:6379/0")
+
+
+        @app.task(name="shop.order", bind=True, max_retries=1)
+        def order(self):
+            if self.request.retries == 0:
+                raise self.retry(countdown=3)
+
+
+        @pytest.fixture
+        def celery_retry_app():
+            return app
+
+
+        @pytest.mark.parametrize(
+            ("options", "runs"), [({"socket_timeout": 1}, [0, 4.001, 3600]), ({}, [0, 10])]
+        )
+        def test_a_retry_held_through_a_hang(retry_worker, flaky_broker, options, runs):
+            app.conf.broker_transport_options = options
+            flaky_broker.outage(seconds=9.5, starting_in=0.5, how="hang")
+            run = retry_worker.apply(order)
+            assert [attempt.t for attempt in run.attempts] == runs
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
