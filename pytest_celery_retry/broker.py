@@ -457,8 +457,12 @@ class InMemoryBroker:
 
     def on_settle(self, client: transport.Client) -> bool:
         # An acknowledgement or rejection: as frequent as consumes, recorded when it fails.
-        if self._hangs_until() is not None and self._rules_hung_wait("ack", client) is None:
-            return False  # no answer expected: it waits in the socket buffer
+        if self._hangs_until() is not None:
+            if self._rules_hung_wait("ack", client) is None:
+                return False  # no answer expected: it waits in the socket buffer
+            hung = self._wait_if_hung("ack", client)
+            if hung is not None:
+                self._record("ack", client.role, None, None, hung=hung)
         self._fail_if_faulty("ack", client, None)
         return True
 
@@ -573,16 +577,7 @@ class InMemoryBroker:
     def _rules_hung_wait(
         self, kind: RecordedKind, client: transport.Client, confirm_timeout: float | None = None
     ) -> flavors.HungWait | None:
-        try:
-            return self.rules.hung_wait(kind, client.settings(confirm_timeout))
-        except NotImplementedError:
-            raise UsageError(
-                f"the worker's {kind} on a {self.flavor} broker that hangs is not simulated yet "
-                "(the pyamqp flavour's consumes, acks, heartbeats and prefetch changes are): "
-                "end the hang before the worker needs the broker (flaky_broker.up(), "
-                "or an outage(seconds=..., how='hang') that is over by then), or test the "
-                "worker against a real broker with broker_proxy(...).blackhole()"
-            ) from None
+        return self.rules.hung_wait(kind, client.settings(confirm_timeout))
 
     def hanging_at(self, t: float) -> bool:
         """Whether the broker hangs at virtual time ``t`` (now or later, as scheduled)."""

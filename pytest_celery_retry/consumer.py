@@ -451,6 +451,7 @@ class Consumer:
         self.events.append(
             MessageEvent(self.broker.clock.elapsed, task_id, headers.get("task", ""), action)
         )
-        if not message.acknowledged:
+        if not message.acknowledged and self.broker.hang_ends_at is None:
+            # A hang closes no socket: the consumer's reads go on once it ends.
             self.broken_by = f"the {verb} of {headers.get('id')} failed"
         self._on_settled(task_id, action)

@@ -713,6 +713,8 @@ class RetryWorker:
         reports = self._reporting(task_id)
         if reports is not None:
             reports.args, reports.kwargs = tuple(args or ()), dict(kwargs or {})
+            # The body starts now: after an early ack, which may have waited for a hung broker.
+            reports.attempt.started_at, reports.attempt.t = self.clock.now(), self.clock.elapsed
 
     def _on_failure(
         self, task_id: str | None = None, exception: BaseException | None = None, **_: Any

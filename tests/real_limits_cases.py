@@ -562,6 +562,77 @@ def test_amqp_worker_holding_a_retry_waits_out_a_hang(
         assert len(runs) == 1, recorder.runs
 
 
+# (socket_timeout, Celery's worker-heartbeat events, when the retry due at 3 s runs: from,
+# to). A hang from 0.5 to 10 s.
+REDIS_WORKER_HANGS = [
+    (1, True, "hang-end", 2.5),
+    (None, True, "hang-end", 1.0),
+    (1, False, "eta", 3.0),
+    (None, False, "hang-end", 1.0),
+]
+
+
+@real_broker
+@pytest.mark.holds_no_rabbitmq_delivery
+@pytest.mark.parametrize(
+    ("socket_timeout", "heartbeat", "runs_from", "late_by"),
+    REDIS_WORKER_HANGS,
+    ids=[
+        f"{'socket-timeout-1' if timeout else 'no-socket-timeout'}-"
+        f"{'heartbeat' if heartbeat else 'without-heartbeat'}"
+        for timeout, heartbeat, _, _ in REDIS_WORKER_HANGS
+    ],
+)
+def test_redis_worker_holding_a_retry_waits_out_a_hang(
+    socket_timeout: float | None,
+    heartbeat: bool,
+    runs_from: str,
+    late_by: float,
+    broker_proxy: ProxyFactory,
+    app: Any,
+) -> None:
+    # Simulated without worker heartbeats in test_hanging_worker.py (the ack waits out
+    # socket_timeout). What else blocks the real worker's event loop in the hang, seen in
+    # thread dumps, and which the simulated worker does not run: kombu 5.7's
+    # binding-expiry refresh (a timer every 1 s: a synchronous Redis script call, which waits
+    # out socket_timeout, or the hang without it) and Celery's worker-heartbeat event publish
+    # (every 2 s: kombu's ensure reconnects, each connect's PING waiting out socket_timeout,
+    # until the hang ends). The ETA's timer waits for the loop.
+    proxy = broker_proxy("redis")
+    queue = new_name()
+    # Our own unacked keys: a sweep of kombu's shared ones would restore other tests' messages.
+    keys = {
+        f"unacked{suffix}_key": f"{queue}-unacked{suffix}" for suffix in ("", "_index", "_mutex")
+    }
+    options: dict[str, Any] = dict(keys)
+    if socket_timeout is not None:
+        options["socket_timeout"] = socket_timeout
+    hang_config(app, **options)
+    try:
+        worker = start_worker(app, queue, heartbeat=heartbeat)
+        with recording(app, countdown=3) as recorder, worker:
+            app.send_task("waits", queue=queue)
+            assert wait_until(lambda: bool(recorder.received[1:]), 10), recorder.received
+            time.sleep(0.5)
+            proxy.blackhole()
+            time.sleep(9.5)
+            proxy.restore()
+            restored = time.monotonic() - recorder.started
+            time.sleep(6)
+    finally:
+        proxy.restore()
+        forget("redis", queue, *keys.values())
+    # Measured: the retry runs once, not redelivered. With the worker's heartbeat, after the
+    # hang ended: 1.0-1.2 s after with socket_timeout=1 (the reconnect loop's next try), at once
+    # without it. Without the heartbeat and with socket_timeout=1, in the hang, 1 s late
+    # (4.1 s: a call that waited out socket_timeout first); without either, at the hang's end.
+    retries = recorder.retries(recorder.runs)
+    print(f"retry ran at {[round(run.t, 2) for run in retries]}, the hang ended at {restored:.2f}")
+    assert [run.redelivered for run in retries] == [False], recorder.runs
+    start = restored if runs_from == "hang-end" else 3.0
+    assert start - 0.2 <= retries[0].t <= start + late_by, (restored, recorder.runs)
+
+
 # -- 6. Quorum queues: native delayed delivery (celery#9912, #10111) -------------------------
 @contextlib.contextmanager
 def own_vhost() -> Iterator[str]:

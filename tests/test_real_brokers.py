@@ -185,7 +185,9 @@ def test_amqp_without_confirms_loses_a_publish_on_a_dropped_connection(
         drain("amqp", queue)
 
 
-def start_worker(app: Any, queue: str) -> Any:
+def start_worker(app: Any, queue: str, heartbeat: bool = True) -> Any:
+    """A solo worker on ``queue``; ``heartbeat``: with Celery's worker-heartbeat events (as
+    ``celery worker`` has by default)."""
     from celery.contrib.testing.worker import start_worker as celery_start_worker
 
     # Heartbeats wake the amqp worker's event loop, which otherwise takes ~10 s to stop.
@@ -195,7 +197,7 @@ def start_worker(app: Any, queue: str) -> Any:
         perform_ping_check=False,
         queues=[queue],
         shutdown_timeout=10,
-        without_heartbeat=False,
+        without_heartbeat=not heartbeat,
         loglevel="WARNING",
     )
 
