@@ -229,14 +229,27 @@ class VirtualClock:
             self._sleeper = outer
 
     def _thread_sleep(self, seconds: float) -> None:
-        """``time.sleep`` while the clock runs: virtual only in the thread of ``sleeping_here``."""
+        """``time.sleep`` while the clock runs: virtual only in the thread of ``sleeping_here``,
+        and in the kombu and Celery modules imported since the clock started."""
         sleeper = self._sleeper
-        if sleeper is None or sleeper.ident != threading.get_ident():
-            _REAL_SLEEP(seconds)
-        elif seconds < 0:
-            raise ValueError("sleep length must be non-negative")  # as time.sleep's own
-        else:
+        if sleeper is not None and sleeper.ident == threading.get_ident():
+            if seconds < 0:
+                raise ValueError("sleep length must be non-negative")  # as time.sleep's own
             self.sleep(seconds)
+        elif self._imported_meanwhile(sys._getframe(1).f_globals):
+            self.sleep(seconds)
+        else:
+            _REAL_SLEEP(seconds)
+
+    def _imported_meanwhile(self, caller: dict[str, Any]) -> bool:
+        """Whether the caller is a kombu or Celery module that took this stand-in as its own
+        ``sleep`` (``from time import sleep`` while the clock ran): the same module loaded
+        before the clock started has the virtual ``sleep`` (``_patch_modules``), and the first
+        test of a process, which imports them lazily, must wait no more than the others."""
+        own = caller.get("sleep")
+        return getattr(own, "__self__", None) is self and str(
+            caller.get("__name__", "")
+        ).startswith(_SLEEP_PATCH_PREFIXES)
 
     def _require_running(self) -> None:
         if self._frozen is None:
@@ -265,7 +278,7 @@ class VirtualClock:
             seen = _seen_modules[skip] = {}
         undo = freezer.undo_changes
         sleeps: list[tuple[Any, Any]] = [(time, self._thread_sleep)]
-        for name, module in list(sys.modules.items()):
+        for name, module in _every_module():
             namespace: Any = getattr(module, "__dict__", None)
             known = seen.get(id(module))
             # The same module, its namespace neither grown nor shrunk and still ending with the
@@ -304,6 +317,20 @@ class VirtualClock:
             if getattr(_own_attribute(module, "sleep"), "__self__", None) is self:
                 setattr(module, "sleep", _REAL_SLEEP)  # noqa: B010 (a module, typed as one)
         self._modules_at_start = set()
+
+
+def _every_module() -> Iterator[tuple[str, Any]]:
+    """Every loaded module, those imported while the pass looks at the others included:
+    reading a lazy module's attributes (``kombu``'s, freezegun's scan does) imports more,
+    ``kombu.utils.functional`` among them, whose ``from time import sleep`` then took the real
+    one, and the first test of a process slept for real in kombu's retry loop."""
+    seen: set[str] = set()
+    while True:
+        new = [(name, module) for name, module in list(sys.modules.items()) if name not in seen]
+        if not new:
+            return
+        seen.update(name for name, _ in new)
+        yield from new
 
 
 def _own_attribute(module: Any, name: str) -> Any:

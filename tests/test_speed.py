@@ -100,6 +100,53 @@ def test_a_module_imported_while_the_clock_runs_gets_the_real_sleep_back(
         sys.modules.pop("speed_sleeper", None)
 
 
+def _kombu_module(name: str) -> types.ModuleType:
+    """A module of kombu's that does ``from time import sleep`` as it is imported, now."""
+    module = types.ModuleType(f"kombu.{name}")
+    exec("from time import sleep\n\ndef wait(seconds):\n    sleep(seconds)\n", module.__dict__)
+    return module
+
+
+def test_kombu_imported_while_the_clock_runs_sleeps_virtually_as_if_loaded_before() -> None:
+    # Celery and kombu load lazily (the retry worker imports them once its clock runs): their
+    # retry loops' sleeps must not wait in the first test of a process only.
+    with VirtualClock() as clock:
+        module = _kombu_module("celery_retry_probe_late")
+        started = time.perf_counter()
+        module.wait(30)
+        assert clock.elapsed == 30
+    assert freezegun.api.real_perf_counter() - started < 5  # type: ignore[attr-defined]
+
+
+def test_a_module_a_lazy_package_imports_during_the_clock_s_pass_is_patched_too() -> None:
+    # kombu's package imports kombu.connection (and kombu.utils.functional, with its
+    # ``from time import sleep``) when freezegun's pass reads its attributes: the pass goes
+    # on over what it imported.
+    imported: list[types.ModuleType] = []
+    lazy = types.ModuleType("celery_retry_probe_lazy")
+
+    def __getattr__(name: str) -> Any:
+        if name != "thing":
+            raise AttributeError(name)
+        module = _kombu_module("celery_retry_probe_lazy_import")
+        sys.modules[module.__name__] = module
+        imported.append(module)
+        return module
+
+    lazy.__getattr__ = __getattr__  # type: ignore[method-assign]
+    lazy.__dir__ = lambda: ["thing"]  # type: ignore[method-assign]
+    sys.modules[lazy.__name__] = lazy
+    try:
+        with VirtualClock() as clock:
+            [module] = imported
+            module.wait(30)
+            assert clock.elapsed == 30
+        assert module.sleep is time.sleep
+    finally:
+        sys.modules.pop(lazy.__name__, None)
+        sys.modules.pop("kombu.celery_retry_probe_lazy_import", None)
+
+
 def test_a_freeze_time_of_the_test_keeps_freezegun_s_own_cache(module_listings: list[str]) -> None:
     with VirtualClock():
         pass
