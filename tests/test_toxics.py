@@ -94,10 +94,13 @@ def test_slicer_delivers_every_byte_in_slices_of_the_given_size(proxy: BrokerPro
         chunks = receive(sock, len(payload))
         took = time.monotonic() - started
     assert b"".join(chunks) == payload
-    # 5 ms apart, each slice is read on its own (the last may be shorter).
-    assert all(7 <= len(chunk) <= 13 for chunk in chunks[:-1]), [len(c) for c in chunks]
-    assert len(chunks) >= 200 // 13
-    assert took >= 0.005 * (len(chunks) - 1)
+    # 5 ms apart, the slices mostly arrive as reads of their own; a reader that falls behind on
+    # a loaded machine reads two at once (TCP keeps no boundaries: seen once in CI).
+    sizes = [len(chunk) for chunk in chunks[:-1]]
+    assert sum(7 <= size <= 13 for size in sizes) >= len(sizes) // 2, sizes
+    assert len(chunks) >= 200 // 26
+    # At least 200 // 13 slices, each 5 ms after the last, however they were read.
+    assert took >= 0.005 * (200 // 13 - 1)
 
 
 def test_limit_data_closes_after_the_limit_and_drops_the_rest(proxy: BrokerProxy) -> None:
