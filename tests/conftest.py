@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from rabbitmq_node import rabbitmq_node_lock
 
 SEED_POLICY = {"max_retries": 3, "interval_start": 3, "interval_step": 1, "interval_max": 6}
 
@@ -128,26 +127,6 @@ def real_broker_url(kind: str) -> str:
             f"set {flavor.url_variable}={flavor.example_url} to run against a real {kind} broker"
         )
     return url
-
-
-# Some real-broker tests lower a setting of the whole RabbitMQ node (consumer_timeout) for a
-# few seconds. They take this lock exclusively and every other real-broker test shares it, so
-# no other test holds a delivery while the node's limit is low, across xdist workers too.
-RABBITMQ_NODE_LOCK = "/tmp/pytest-celery-retry-rabbitmq-node.lock"
-# Taken before the lock: a waiting exclusive holder keeps it, so the shared holders that keep
-# coming cannot starve it.
-_RABBITMQ_NODE_GATE = RABBITMQ_NODE_LOCK + ".gate"
-
-
-@contextlib.contextmanager
-def rabbitmq_node_lock(exclusive: bool) -> Iterator[None]:
-    # Closing the files releases the locks.
-    with open(_RABBITMQ_NODE_GATE, "a") as gate, open(RABBITMQ_NODE_LOCK, "a") as lock:
-        fcntl.flock(gate, fcntl.LOCK_EX)
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        if not exclusive:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-        yield
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,9 +10,6 @@ Skipped without CELERY_RETRY_REDIS_URL / CELERY_RETRY_AMQP_URL (a failure in CI)
 from __future__ import annotations
 
 import contextlib
-import re
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -21,13 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import rabbitmq_node_lock, real_broker_url
+from conftest import real_broker_url
 from hang_cases import CASES as HANG_CASES
 from hang_cases import HangCase
 from hang_cases import configure as configure_hang
 from hang_cases import publish as hang_publish
 from kombu.exceptions import OperationalError
 from limits_figures import RABBITMQ, REDIS, RabbitClose, RedisCopies
+from rabbitmq_node import channel_tick_lowered, consumer_timeout_lowered, rabbitmqctl
 from test_real_brokers import SWEEP_OPTIONS_WORK, start_worker, wait_until
 
 from pytest_celery_retry.proxy import BrokerProxy
@@ -209,50 +207,6 @@ CONSUMER_TIMEOUT_MS = round(DEFAULT.consumer_timeout * 1000)
 TICK_MS = round(DEFAULT.tick * 1000)
 
 
-def rabbitmqctl(*arguments: str) -> str:
-    """Run ``rabbitmqctl`` on the RabbitMQ node: ``eval`` and an Erlang expression alone."""
-    command = shutil.which("rabbitmqctl")
-    if command is None:
-        pytest.skip("rabbitmqctl (on the RabbitMQ node) is needed here: not found")
-    if len(arguments) == 1:
-        arguments = ("eval", *arguments)
-    result = subprocess.run(
-        [command, *arguments], capture_output=True, text=True, timeout=30, check=True
-    )
-    return result.stdout.strip()
-
-
-@contextlib.contextmanager
-def rabbit_node_settings(**settings: int) -> Iterator[None]:
-    """Set the running node's ``rabbit`` application settings, and restore them on every path.
-
-    One ``rabbitmqctl eval`` to read and set them all, one to restore them: each starts an
-    Erlang VM (about half a second) while every other test that uses RabbitMQ waits.
-    """
-    names = list(settings)
-    # Exclusively: every other real-broker test waits (tests/conftest.py).
-    with rabbitmq_node_lock(exclusive=True):
-        read = ", ".join(f"application:get_env(rabbit, {name})" for name in names)
-        change = "".join(
-            f"application:set_env(rabbit, {name}, {value}), " for name, value in settings.items()
-        )
-        # "[{ok,1800000},undefined]": each setting's value, or undefined where it is not set.
-        found = re.findall(r"\{ok,(\d+)\}|undefined", rabbitmqctl(f"B = [{read}], {change}B."))
-        assert len(found) == len(names), found
-        try:
-            yield
-        finally:
-            rabbitmqctl(
-                " ".join(
-                    f"application:set_env(rabbit, {name}, {value}),"
-                    if value
-                    else f"application:unset_env(rabbit, {name}),"
-                    for name, value in zip(names, found)
-                )
-                + " ok."
-            )
-
-
 def rabbitmq_version() -> tuple[int, ...]:
     from kombu import Connection
 
@@ -315,7 +269,7 @@ def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptu
     # consumer does not restart: the worker stops and the retry waits in the queue.
     queue = new_name()
     app = real_app("amqp")
-    with rabbit_node_settings(consumer_timeout=CONSUMER_TIMEOUT_MS, channel_tick_interval=TICK_MS):
+    with consumer_timeout_lowered(CONSUMER_TIMEOUT_MS, TICK_MS):
         try:
             with recording(app, countdown=DEFAULT.countdown) as recorder, start_worker(app, queue):
                 recorder.started = time.monotonic()
@@ -344,9 +298,8 @@ def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
 ) -> None:
     queue = new_name()
     app = real_app("amqp", broker_channel_error_retry=True)
-    with rabbit_node_settings(
-        consumer_timeout=round(figures.consumer_timeout * 1000),
-        channel_tick_interval=round(figures.tick * 1000),
+    with consumer_timeout_lowered(
+        round(figures.consumer_timeout * 1000), round(figures.tick * 1000)
     ):
         try:
             with recording(app, countdown=figures.countdown) as recorder, start_worker(app, queue):
@@ -373,7 +326,6 @@ def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
 
 
 @real_broker
-@pytest.mark.own_rabbitmq_node_lock
 def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptureFixture) -> None:
     from kombu import Queue
 
@@ -382,7 +334,7 @@ def test_rabbitmq_per_queue_consumer_timeout_needs_3_12(caplog: pytest.LogCaptur
     app.conf.task_queues = [Queue(queue, queue_arguments={"x-consumer-timeout": 1000})]
     honoured = rabbitmq_version() >= (3, 12)  # RabbitMQ 3.12 added the queue argument
     # Only the tick is lowered: the node's 30 min consumer_timeout stays.
-    with rabbit_node_settings(channel_tick_interval=TICK_MS):
+    with channel_tick_lowered(TICK_MS):
         try:
             with recording(app, countdown=3) as recorder, start_worker(app, queue):
                 recorder.started = time.monotonic()
