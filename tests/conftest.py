@@ -132,8 +132,18 @@ def real_broker_url(kind: str) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "own_rabbitmq_node_lock: the test takes the RabbitMQ node lock itself, or a process "
-        "it starts does (exclusively to change the node's settings)",
+        "slow: takes seconds (a real worker in real time, or many inner pytest runs) without "
+        "a real broker; scheduled first, as real-broker tests are",
+    )
+    config.addinivalue_line(
+        "markers",
+        "own_rabbitmq_node_lock: a process the test starts takes the RabbitMQ node lock "
+        "(tests/rabbitmq_node.py) as its test needs it",
+    )
+    config.addinivalue_line(
+        "markers",
+        "changes_rabbitmq_node: the test lowers the RabbitMQ node's consumer_timeout, taking "
+        "the node lock exclusively itself; scheduled before every other test",
     )
     config.addinivalue_line(
         "markers",
@@ -160,9 +170,35 @@ def _share_the_rabbitmq_node(request: pytest.FixtureRequest) -> Iterator[None]:
     if (
         not real
         or node.get_closest_marker("own_rabbitmq_node_lock")
+        or node.get_closest_marker("changes_rabbitmq_node")
         or not _may_hold_a_rabbitmq_delivery(node)
     ):
         yield
         return
     with rabbitmq_node_lock(exclusive=False):
         yield
+
+
+def _schedule_rank(item: pytest.Item) -> int:
+    if item.get_closest_marker("changes_rabbitmq_node"):
+        return 0
+    real = item.get_closest_marker("real_broker") or "broker_proxy" in getattr(
+        item, "fixturenames", ()
+    )
+    if not (real or item.get_closest_marker("slow")):
+        return 3
+    return 2 if real and _may_hold_a_rabbitmq_delivery(item) else 1
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that take seconds first, each group in the order pytest-randomly drew.
+
+    With ``--dist load --maxschedchunk 1`` (README) each xdist worker takes the next test when
+    it is free: the long waits start at once, side by side, and the short tests fill the gaps,
+    instead of a long wait drawn last keeping the run going on its own. The few tests that
+    lower RabbitMQ's consumer_timeout go before them all, and the long tests that may hold a
+    RabbitMQ delivery after the other long ones: those wait for the first (tests/rabbitmq_node.py),
+    and the others keep the workers busy meanwhile.
+    """
+    items.sort(key=_schedule_rank)

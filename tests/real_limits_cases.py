@@ -263,7 +263,7 @@ def log_times(caplog: pytest.LogCaptureFixture, started: float, text: str) -> li
 
 
 @real_broker
-@pytest.mark.own_rabbitmq_node_lock
+@pytest.mark.changes_rabbitmq_node
 def test_rabbitmq_closes_the_channel_and_the_worker_dies(caplog: pytest.LogCaptureFixture) -> None:
     # Celery's default: PRECONDITION_FAILED is a channel error, not a connection error, so the
     # consumer does not restart: the worker stops and the retry waits in the queue.
@@ -291,7 +291,7 @@ RETRY_CASES = ["retry-countdown-5", "retry-countdown-8"]
 
 
 @real_broker
-@pytest.mark.own_rabbitmq_node_lock
+@pytest.mark.changes_rabbitmq_node
 @pytest.mark.parametrize("figures", [RABBITMQ[name] for name in RETRY_CASES], ids=RETRY_CASES)
 def test_rabbitmq_channel_error_retry_reconnects_and_runs_the_retry_once(
     figures: RabbitClose, caplog: pytest.LogCaptureFixture

@@ -18,10 +18,10 @@ import kombu
 import pytest
 import real_limits_cases as cases
 
-# The outer test is a real-broker test too (a skip fails in CI), but it must not hold the
-# RabbitMQ node lock (tests/conftest.py) while its case's process takes it: with a waiting
-# exclusive holder between them, the two would wait for each other.
-_PASSED_ON = ("real_broker",)
+# The outer test is a real-broker test too (a skip fails in CI), and scheduled as its case
+# is (tests/conftest.py). It must not hold the RabbitMQ node lock while its case's process
+# takes it: with a waiting exclusive holder between them, the two would wait for each other.
+_PASSED_ON = ("real_broker", "changes_rabbitmq_node", "holds_no_rabbitmq_delivery")
 
 
 def _node_ids(name: str, case: Any) -> list[str]:

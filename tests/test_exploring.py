@@ -308,6 +308,7 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytes
     return pytester
 
 
+@pytest.mark.slow
 def test_a_failing_property_reports_the_shrunk_schedule_as_a_regression_test(
     project: pytest.Pytester,
 ) -> None:
@@ -336,6 +337,7 @@ def test_a_failing_property_reports_the_shrunk_schedule_as_a_regression_test(
     pasted.stdout.fnmatch_lines(["*published at t=2 s never reached the broker*"])
 
 
+@pytest.mark.slow
 def test_each_examples_schedule_is_noted_for_hypothesis(project: pytest.Pytester) -> None:
     project.makepyfile(
         # One outage of at most 10 s never outlasts the publish policy's 12 s (two can).

@@ -39,6 +39,9 @@ from kombu.utils.uuid import uuid
 from pytest_celery_retry.app_state import reset_connections
 from tests.conftest import TOKEN_BUCKET_COUNTS_IDLE_TIME_RIGHT, make_app
 
+# Each case runs a real worker in real time beside the retry worker.
+pytestmark = pytest.mark.slow
+
 # Countdowns are compared to a tenth of a second: the real side measures them as the
 # message's ETA minus the moment it was published, a few milliseconds after Celery took the
 # time it added the countdown to. Every countdown below is a multiple of 0.1 s.

@@ -38,6 +38,9 @@ from tests.test_fidelity import (
     transport_for_run,
 )
 
+# Each case runs a real worker in real time beside the retry worker.
+pytestmark = pytest.mark.slow
+
 # The real worker is done with a canvas once its result is ready and nothing has started for
 # this long (an errback, a callback the last poll published).
 QUIET = 0.5
