@@ -476,6 +476,19 @@ def test_amqp_worker_notices_a_hang_by_its_heartbeat(
     assert runs[0] - restored < 6
 
 
+def hang_while_the_retry_waits(proxy: BrokerProxy, recorder: Recorder) -> float:
+    """Once the worker holds the retry (countdown 3), the broker hangs from 0.5 s later until
+    10 s; return when the hang ended (test time), 6 s later: room for a redelivery."""
+    assert wait_until(lambda: bool(recorder.received[1:]), 10), recorder.received
+    time.sleep(0.5)
+    proxy.blackhole()
+    time.sleep(9.5)
+    proxy.restore()
+    restored = time.monotonic() - recorder.started
+    time.sleep(6)
+    return restored
+
+
 @real_broker
 @pytest.mark.parametrize("heartbeat", [2, 0], ids=["heartbeat-2", "heartbeat-0"])
 def test_amqp_worker_holding_a_retry_waits_out_a_hang(
@@ -492,13 +505,7 @@ def test_amqp_worker_holding_a_retry_waits_out_a_hang(
         with recording(app, countdown=3) as recorder, start_worker(app, queue):
             assert wait_until(lambda: consumers_of(queue) > 0, 10), proxy.timeline()
             app.send_task("waits", queue=queue)
-            assert wait_until(lambda: bool(recorder.received[1:]), 10), recorder.received
-            time.sleep(0.5)
-            proxy.blackhole()
-            time.sleep(9.5)
-            proxy.restore()
-            restored = time.monotonic() - recorder.started
-            time.sleep(6)
+            restored = hang_while_the_retry_waits(proxy, recorder)
     finally:
         proxy.restore()
         forget("amqp", queue)
@@ -564,13 +571,7 @@ def test_redis_worker_holding_a_retry_waits_out_a_hang(
         worker = start_worker(app, queue, heartbeat=heartbeat)
         with recording(app, countdown=3) as recorder, worker:
             app.send_task("waits", queue=queue)
-            assert wait_until(lambda: bool(recorder.received[1:]), 10), recorder.received
-            time.sleep(0.5)
-            proxy.blackhole()
-            time.sleep(9.5)
-            proxy.restore()
-            restored = time.monotonic() - recorder.started
-            time.sleep(6)
+            restored = hang_while_the_retry_waits(proxy, recorder)
     finally:
         proxy.restore()
         forget("redis", queue, *keys.values())

@@ -210,67 +210,49 @@ def test_without_socket_timeout_a_redis_worker_in_a_hang_left_on_blocks_for_ever
     assert flaky_broker.clock.elapsed == HANG_STARTS
 
 
-def test_what_a_user_writes(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        """
-        import pytest
-        from celery import Celery
+# What a user writes: their app on a broker URL of their own, and a retry held through a hang.
+USER_TEST = """
+import pytest
+from celery import Celery
 
-        app = Celery("shop", broker="amqp://rabbit//")
-
-
-        @app.task(name="shop.order", bind=True, max_retries=1)
-        def order(self):
-            if self.request.retries == 0:
-                raise self.retry(countdown=3)
+app = Celery("shop", broker="{broker}")
 
 
-        @pytest.fixture
-        def celery_retry_app():
-            return app
+@app.task(name="shop.order", bind=True, max_retries=1)
+def order(self):
+    if self.request.retries == 0:
+        raise self.retry(countdown=3)
 
 
-        @pytest.mark.parametrize(("heartbeat", "runs"), [(2, [0, 3, 10]), (0, [0, 3])])
-        def test_a_retry_held_through_a_hang(retry_worker, flaky_broker, heartbeat, runs):
-            app.conf.broker_heartbeat = heartbeat
-            flaky_broker.outage(seconds=9.5, starting_in=0.5, how="hang")
-            run = retry_worker.apply(order)
-            assert [attempt.t for attempt in run.attempts] == runs
-        """
-    )
-    result = pytester.runpytest("-p", "no:randomly")
-    result.assert_outcomes(passed=2)
+@pytest.fixture
+def celery_retry_app():
+    return app
 
 
-def test_what_a_user_of_redis_writes(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        """
-        import pytest
-        from celery import Celery
-
-        app = Celery("shop", broker="redis://cache:6379/0")
-
-
-        @app.task(name="shop.order", bind=True, max_retries=1)
-        def order(self):
-            if self.request.retries == 0:
-                raise self.retry(countdown=3)
+@pytest.mark.parametrize(("{setting}", "runs"), {cases})
+def test_a_retry_held_through_a_hang(retry_worker, flaky_broker, {setting}, runs):
+    app.conf.{setting} = {setting}
+    flaky_broker.outage(seconds=9.5, starting_in=0.5, how="hang")
+    run = retry_worker.apply(order)
+    assert [attempt.t for attempt in run.attempts] == runs
+"""
 
 
-        @pytest.fixture
-        def celery_retry_app():
-            return app
-
-
-        @pytest.mark.parametrize(
-            ("options", "runs"), [({"socket_timeout": 1}, [0, 4.001, 3600]), ({}, [0, 10])]
-        )
-        def test_a_retry_held_through_a_hang(retry_worker, flaky_broker, options, runs):
-            app.conf.broker_transport_options = options
-            flaky_broker.outage(seconds=9.5, starting_in=0.5, how="hang")
-            run = retry_worker.apply(order)
-            assert [attempt.t for attempt in run.attempts] == runs
-        """
-    )
+@pytest.mark.parametrize(
+    ("broker", "setting", "cases"),
+    [
+        ("amqp://rabbit//", "broker_heartbeat", [(2, [0, 3, 10]), (0, [0, 3])]),
+        (
+            "redis://cache:6379/0",
+            "broker_transport_options",
+            [({"socket_timeout": 1}, [0, 4.001, 3600]), ({}, [0, 10])],
+        ),
+    ],
+    ids=["rabbitmq", "redis"],
+)
+def test_what_a_user_writes(
+    pytester: pytest.Pytester, broker: str, setting: str, cases: list[tuple[Any, list[float]]]
+) -> None:
+    pytester.makepyfile(USER_TEST.format(broker=broker, setting=setting, cases=repr(cases)))
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=2)
