@@ -24,9 +24,9 @@ from hang_cases import HangCase
 from hang_cases import configure as configure_hang
 from hang_cases import publish as hang_publish
 from kombu.exceptions import OperationalError
-from limits_figures import RABBITMQ, REDIS, RabbitClose, RedisCopies
+from limits_figures import RABBITMQ, REDIS, SWEEP_OPTIONS_WORK, RabbitClose, RedisCopies
 from rabbitmq_node import channel_tick_lowered, consumer_timeout_lowered, rabbitmqctl
-from test_real_brokers import SWEEP_OPTIONS_WORK, start_worker, wait_until
+from test_real_brokers import start_worker, wait_until
 
 from pytest_celery_retry.proxy import BrokerProxy
 

@@ -16,19 +16,17 @@ from typing import Any
 import celery
 import pytest
 from kombu.exceptions import OperationalError
-from kombu.transport import redis as redis_transport
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pytest_celery_retry import assert_publish_retries
 from pytest_celery_retry.flavors import flavor_for_broker
 from pytest_celery_retry.proxy import BrokerProxy, CutMode
+from tests.limits_figures import SWEEP_OPTIONS_WORK
 
 pytestmark = pytest.mark.real_broker
 
 KINDS = ["redis", "amqp"]
 FLAVOR = {"redis": "redis", "amqp": "pyamqp"}
-# kombu 5.7 made the redis sweep timer configurable (unacked_restore_interval / _throttle).
-SWEEP_OPTIONS_WORK = hasattr(redis_transport.Channel, "unacked_restore_interval")
 # Short real intervals: a one-second outage is outlived by about five tries.
 POLICY = {"max_retries": 20, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 ProxyFactory = Callable[[str], BrokerProxy]

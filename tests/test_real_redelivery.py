@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu.transport import redis as redis_transport
 
 from tests.conftest import real_broker_url
+from tests.limits_figures import SWEEP_OPTIONS_WORK
 from tests.real_redelivery_worker import VISIBILITY_TIMEOUT, make_app, unacked_keys
 
 WORKER = Path(__file__).with_name("real_redelivery_worker.py")
@@ -31,9 +31,7 @@ FLAVOR = {"amqp": "pyamqp", "redis": "redis"}
 HEADER = {"amqp": None, "redis": True}
 # kombu < 5.7 has no unacked_restore_interval: its redis sweep runs every 100 s, too rarely
 # to wait for here (a skip would fail the run where real brokers are required).
-REAL_KINDS = (
-    ["amqp", "redis"] if hasattr(redis_transport.Channel, "unacked_restore_interval") else ["amqp"]
-)
+REAL_KINDS = ["amqp", "redis"] if SWEEP_OPTIONS_WORK else ["amqp"]
 # Time for a worker process to start and connect on a loaded two-core machine.
 START_UP = 20.0
 
