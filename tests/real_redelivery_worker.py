@@ -97,6 +97,10 @@ def main(url: str, queue: str, record: str, acks_late: bool) -> None:
             "--pool=prefork",
             "--concurrency=1",
             f"--queues={queue}",
+            # A node name of its own: two of these workers at once (the tests of two xdist
+            # processes) would both declare celery@host's exclusive pidbox queue, and the
+            # second die of ResourceLocked.
+            f"--hostname={queue}@%h",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
