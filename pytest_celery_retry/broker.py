@@ -274,6 +274,8 @@ class InMemoryBroker:
         return self.clock.elapsed + starting_in
 
     def _current_outage(self) -> tuple[float, float, OutageMode] | None:
+        if not self._outages:  # asked on every operation: the clock only for an outage
+            return None
         now = self.clock.elapsed
         return next((o for o in self._outages if o[0] <= now < o[1]), None)
 
@@ -677,6 +679,8 @@ class InMemoryBroker:
             return None
         if self._away() == "refuse":
             return self.rules.error(kind, self.address)
+        if not self._faults:
+            return None
         now = self.clock.elapsed
         for fault in self._faults:
             if fault.fires(kind, now):
