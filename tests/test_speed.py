@@ -5,6 +5,7 @@ Speed itself is measured by benchmarks/bench.py, not here: these tests pin behav
 
 from __future__ import annotations
 
+import base64
 import gc
 import sys
 import time
@@ -458,3 +459,51 @@ def test_each_code_object_is_copied_once_not_once_per_retry(
     retry_worker.apply(app.tasks["speed.retries"])
     # Before: every frame of every retry's traceback, about 20 for each of the 20 retries.
     assert len(copied) == len({id(code) for code in copied})
+
+
+# -- memory: what the records keep, every field read as before ---------------------------------
+def test_delivered_messages_read_as_kombu_handed_them_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from kombu import serialization
+
+    from pytest_celery_retry.broker import InMemoryBroker
+    from pytest_celery_retry.session import RetrySession
+    from pytest_celery_retry.worker import RetryWorker
+
+    handed_over: list[dict[str, Any]] = []
+    record = InMemoryBroker._record_delivery
+
+    def spy(self: InMemoryBroker, queue: str, message: dict[str, Any]) -> None:
+        handed_over.append(copy.deepcopy(message))
+        record(self, queue, message)
+
+    monkeypatch.setattr(InMemoryBroker, "_record_delivery", spy)
+    app = _app_that_fails()
+    session = RetrySession().start()
+    try:
+        broker = session.installation(app).broker
+        worker = RetryWorker(session)
+        worker.apply(app.tasks["speed.retries"], headers={"tags": ["a", "b"]})
+        worker.close()
+        messages = broker.messages(queue=None)
+    finally:
+        session.close()
+    assert len(messages) == len(handed_over) == 3
+    for message, original in zip(messages, handed_over):
+        body = original["body"]
+        if original["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, _ = serialization.loads(
+            body, original["content-type"], original["content-encoding"]
+        )
+        assert message.headers == original["headers"]
+        assert list(message.headers) == list(original["headers"])
+        assert (message.args, message.kwargs) == (args, kwargs)
+    # A retry's equal strings are the earlier message's; what a test could change is its own.
+    first, second = (message.headers for message in messages[1:])
+    assert first["argsrepr"] is second["argsrepr"] and first["id"] is second["id"]
+    # Celery makes each message's timelimit list afresh.
+    assert first["timelimit"] == second["timelimit"]
+    assert first["timelimit"] is not second["timelimit"]
+    assert first["retries"] != second["retries"]
