@@ -5,6 +5,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/bench.py
     .venv/bin/python benchmarks/bench.py explore   # (h) alone
     .venv/bin/python benchmarks/bench.py per-test  # (f) alone
+    .venv/bin/python benchmarks/bench.py per-test-without-gc  # (f), the cyclic GC off
     .venv/bin/python benchmarks/bench.py memory    # what the records keep alive, by part
 
 Every ratio compares two things measured as alternating pairs in one process (the second
@@ -416,6 +417,8 @@ def pytest_sessionfinish(session):
         json.dump(CPU, handle)
 """
 
+GC_OFF = "import gc\n\ngc.disable()\n"
+
 PER_TEST_KINDS = {
     "plugin": """
 def test_plugin_{i}(retry_worker):
@@ -445,12 +448,17 @@ def test_unused_{i}(retry_worker):
 }
 
 
-def per_test(directory: str) -> dict[str, list[float]]:
-    """CPU seconds per test (set-up, call, teardown), the kinds interleaved in one pytest run."""
+def per_test(directory: str, collect_garbage: bool = True) -> dict[str, list[float]]:
+    """CPU seconds per test (set-up, call, teardown), the kinds interleaved in one pytest run.
+
+    Without ``collect_garbage`` the run has Python's cyclic garbage collector off: each test
+    then costs only its own work, not the collections its garbage (or an earlier test's)
+    happens to set off.
+    """
     folder = os.path.join(directory, "per_test")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "conftest.py"), "w") as handle:
-        handle.write(PER_TEST_CONFTEST)
+        handle.write(PER_TEST_CONFTEST if collect_garbage else GC_OFF + PER_TEST_CONFTEST)
     with open(os.path.join(folder, "test_kinds.py"), "w") as handle:
         handle.write("from conftest import COUNTDOWNS, Retry, mock, seed\n")
         for i in range(PER_TEST_ROUNDS):
@@ -827,11 +835,13 @@ def main() -> None:
     print_load(load_before)
 
 
-def per_test_alone() -> None:
+def per_test_alone(collect_garbage: bool = True) -> None:
     """(f) alone, with the load around it."""
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as directory:
-        tests = per_test(directory)
+        tests = per_test(directory, collect_garbage)
+    if not collect_garbage:
+        print("\n(f) with the cyclic garbage collector off")
     print_per_test(tests)
     print_load(load_before)
 
@@ -854,6 +864,7 @@ def print_load(before: tuple[float, float, float]) -> None:
 SECTIONS: dict[str, Callable[[], None]] = {
     "explore": lambda: explore_figures(make_app()),
     "per-test": per_test_alone,
+    "per-test-without-gc": lambda: per_test_alone(collect_garbage=False),
     "memory": memory_alone,
 }
 
