@@ -4,6 +4,9 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/bench.py
     .venv/bin/python benchmarks/bench.py explore   # (h) alone
+    .venv/bin/python benchmarks/bench.py per-test  # (f) alone
+    .venv/bin/python benchmarks/bench.py per-test-without-gc  # (f), the cyclic GC off
+    .venv/bin/python benchmarks/bench.py memory    # what the records keep alive, by part
 
 Every ratio compares two things measured as alternating pairs in one process (the second
 right after the first, PAIRS times), in CPU time (``time.process_time``, which freezegun leaves
@@ -41,6 +44,7 @@ PAIRS = 9
 EXPLORE_PAIRS = 3
 EXPLORE_EXAMPLES = 200
 PER_TEST_ROUNDS = 40
+MEMORY_RETRIES = 1_000
 # Whose code a profiled function is, by the package its file lives in. Standard-library and
 # built-in functions are charged to whoever called them (see ``charge_to_owners``).
 OWNERS = {
@@ -413,6 +417,8 @@ def pytest_sessionfinish(session):
         json.dump(CPU, handle)
 """
 
+GC_OFF = "import gc\n\ngc.disable()\n"
+
 PER_TEST_KINDS = {
     "plugin": """
 def test_plugin_{i}(retry_worker):
@@ -442,12 +448,17 @@ def test_unused_{i}(retry_worker):
 }
 
 
-def per_test(directory: str) -> dict[str, list[float]]:
-    """CPU seconds per test (set-up, call, teardown), the kinds interleaved in one pytest run."""
+def per_test(directory: str, collect_garbage: bool = True) -> dict[str, list[float]]:
+    """CPU seconds per test (set-up, call, teardown), the kinds interleaved in one pytest run.
+
+    Without ``collect_garbage`` the run has Python's cyclic garbage collector off: each test
+    then costs only its own work, not the collections its garbage (or an earlier test's)
+    happens to set off.
+    """
     folder = os.path.join(directory, "per_test")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "conftest.py"), "w") as handle:
-        handle.write(PER_TEST_CONFTEST)
+        handle.write(PER_TEST_CONFTEST if collect_garbage else GC_OFF + PER_TEST_CONFTEST)
     with open(os.path.join(folder, "test_kinds.py"), "w") as handle:
         handle.write("from conftest import COUNTDOWNS, Retry, mock, seed\n")
         for i in range(PER_TEST_ROUNDS):
@@ -618,6 +629,52 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms"
 
 
+def print_per_test(tests: dict[str, list[float]]) -> None:
+    empty = statistics.median(tests["empty"])
+
+    def over_empty(kind: str) -> float:
+        return statistics.median(tests[kind]) - empty
+
+    print(
+        f"\n(f) CPU per test (set-up + call + teardown), {len(tests['empty'])} of each kind "
+        "interleaved in one pytest run"
+    )
+    labels = {
+        "plugin": "retry_worker.apply(seed), asserts countdowns [1, 3, 9]",
+        "eager": "seed.apply() eager (recursive retries), asserts them by signal",
+        "mock": "eager + mock.patch.object(seed, 'retry')",
+        "unused": "requests retry_worker, uses nothing",
+        "empty": "empty test",
+    }
+    print(
+        table(
+            [(label, spread(tests[kind], ms)) for kind, label in labels.items()]
+            + [
+                (
+                    "plugin / eager, over an empty test (target <= 1.5x)",
+                    f"{over_empty('plugin') / over_empty('eager'):.2f}x (medians); round by "
+                    + ratio(*(over_round(tests, kind) for kind in ("plugin", "eager"))),
+                ),
+                (
+                    "unused fixture, over an empty test (target <= 2 ms)",
+                    f"{ms(over_empty('unused'))} (medians); round by round: "
+                    + spread(over_round(tests, "unused"), ms),
+                ),
+            ]
+        )
+    )
+
+
+def print_memory_by_part(kept: float, kept_by_part: list[tuple[str, float]]) -> None:
+    print(f"\n(b') kept alive by the records, {MEMORY_RETRIES:,} retries (tracemalloc)")
+    print(
+        table(
+            [("in all", f"{kept:.0f} bytes per retry")]
+            + [(f"  of which {label}", f"{cost:.0f} bytes") for label, cost in kept_by_part]
+        )
+    )
+
+
 def main() -> None:
     import celery
     import kombu
@@ -653,7 +710,7 @@ def main() -> None:
     cpu_10k = worker_retries(app, 10_000)
     peak_1k = peak_memory(app, 1_000)
     peak_10k = peak_memory(app, 10_000)
-    kept, kept_by_part = memory_by_part(app, 1_000)
+    kept, kept_by_part = memory_by_part(app, MEMORY_RETRIES)
 
     # (c) a backoff schedule of more than an hour
     hourly_wall, virtual, countdowns = hourly_backoff(app)
@@ -720,11 +777,10 @@ def main() -> None:
                     f"{peak_10k / peak_1k:.2f}x, "
                     f"{(peak_10k - peak_1k) / 9_000:.0f} bytes per extra retry",
                 ),
-                ("kept alive by the records, 1,000 retries", f"{kept:.0f} bytes per retry"),
             ]
-            + [(f"  of which {label}", f"{cost:.0f} bytes") for label, cost in kept_by_part]
         )
     )
+    print_memory_by_part(kept, kept_by_part)
     print("\n(c) backoff schedule (retry_backoff=True, retry_backoff_max=3600, 12 retries)")
     print(
         table(
@@ -747,39 +803,7 @@ def main() -> None:
             + [(f"heaviest: {name}", f"{ms(seconds)}/attempt") for name, seconds in heaviest]
         )
     )
-    empty = statistics.median(tests["empty"])
-
-    def over_empty(kind: str) -> float:
-        return statistics.median(tests[kind]) - empty
-
-    print(
-        f"\n(f) CPU per test (set-up + call + teardown), {len(tests['empty'])} of each kind "
-        "interleaved in one pytest run"
-    )
-    labels = {
-        "plugin": "retry_worker.apply(seed), asserts countdowns [1, 3, 9]",
-        "eager": "seed.apply() eager (recursive retries), asserts them by signal",
-        "mock": "eager + mock.patch.object(seed, 'retry')",
-        "unused": "requests retry_worker, uses nothing",
-        "empty": "empty test",
-    }
-    print(
-        table(
-            [(label, spread(tests[kind], ms)) for kind, label in labels.items()]
-            + [
-                (
-                    "plugin / eager, over an empty test (target <= 1.5x)",
-                    f"{over_empty('plugin') / over_empty('eager'):.2f}x (medians); round by "
-                    + ratio(*(over_round(tests, kind) for kind in ("plugin", "eager"))),
-                ),
-                (
-                    "unused fixture, over an empty test (target <= 2 ms)",
-                    f"{ms(over_empty('unused'))} (medians); round by round: "
-                    + spread(over_round(tests, "unused"), ms),
-                ),
-            ]
-        )
-    )
+    print_per_test(tests)
     print(f"\n(g) CPU per start + stop of a clock ({PAIRS} pairs of 20, medians)")
     print(
         table(
@@ -808,15 +832,46 @@ def main() -> None:
     rows.append(("modules loaded at start-up", loaded or "none of celery, kombu, freezegun"))
     print(table(rows))
     explore_figures(app)
-    load_after = os.getloadavg()
+    print_load(load_before)
+
+
+def per_test_alone(collect_garbage: bool = True) -> None:
+    """(f) alone, with the load around it."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as directory:
+        tests = per_test(directory, collect_garbage)
+    if not collect_garbage:
+        print("\n(f) with the cyclic garbage collector off")
+    print_per_test(tests)
+    print_load(load_before)
+
+
+def memory_alone() -> None:
+    """What the records keep alive, by part, alone."""
+    app = make_app()
+    worker_retries(app, 10)  # warm-up: imports, tracer, the remembered tracebacks
+    print_memory_by_part(*memory_by_part(app, MEMORY_RETRIES))
+
+
+def print_load(before: tuple[float, float, float]) -> None:
+    after = os.getloadavg()
     print(
-        f"\nload average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_before)} before, "
-        f"{', '.join(f'{x:.2f}' for x in load_after)} after"
+        f"\nload average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in before)} before, "
+        f"{', '.join(f'{x:.2f}' for x in after)} after"
     )
 
 
+SECTIONS: dict[str, Callable[[], None]] = {
+    "explore": lambda: explore_figures(make_app()),
+    "per-test": per_test_alone,
+    "per-test-without-gc": lambda: per_test_alone(collect_garbage=False),
+    "memory": memory_alone,
+}
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["explore"]:
-        explore_figures(make_app())
-    else:
+    if not sys.argv[1:]:
         main()
+    elif len(sys.argv) == 2 and sys.argv[1] in SECTIONS:
+        SECTIONS[sys.argv[1]]()
+    else:
+        sys.exit(f"usage: bench.py [{' | '.join(SECTIONS)}]")

@@ -148,6 +148,8 @@ class InMemoryBroker:
         self.operations: list[BrokerOperation] = []
         self.publishes: list[PublishRecord] = []
         self._deliveries: list[_Delivery] = []
+        # The last delivery of each set of header names (see _Delivery.of).
+        self._last_delivery: dict[tuple[str, ...], _Delivery] = {}
         # Each unacknowledged message the broker took back.
         self.redeliveries: list[Redelivery] = []
         # Each message delivered and not yet acknowledged, by delivery tag (a copy the broker
@@ -274,6 +276,8 @@ class InMemoryBroker:
         return self.clock.elapsed + starting_in
 
     def _current_outage(self) -> tuple[float, float, OutageMode] | None:
+        if not self._outages:  # asked on every operation: the clock only for an outage
+            return None
         now = self.clock.elapsed
         return next((o for o in self._outages if o[0] <= now < o[1]), None)
 
@@ -556,7 +560,9 @@ class InMemoryBroker:
             cut = (frames.moment < start <= (ended_at, math.inf) for start in self._outage_starts)
             if any(cut):
                 continue  # a cut dropped the connection and the frames in its buffer
-            self._deliveries.append(_Delivery.of(frames.queue, ended_at, frames.message))
+            self._deliveries.append(
+                _Delivery.of(frames.queue, ended_at, frames.message, self._last_delivery)
+            )
             self.queues.setdefault(frames.queue, Queue()).put(frames.message)
             if frames.record is not None:
                 frames.record.delivered = True
@@ -677,6 +683,8 @@ class InMemoryBroker:
             return None
         if self._away() == "refuse":
             return self.rules.error(kind, self.address)
+        if not self._faults:
+            return None
         now = self.clock.elapsed
         for fault in self._faults:
             if fault.fires(kind, now):
@@ -720,7 +728,9 @@ class InMemoryBroker:
         return current
 
     def _record_delivery(self, queue: str, message: dict[str, Any]) -> None:
-        self._deliveries.append(_Delivery.of(queue, self.clock.elapsed, message))
+        self._deliveries.append(
+            _Delivery.of(queue, self.clock.elapsed, message, self._last_delivery)
+        )
         if self.publishes:
             self.publishes[-1].delivered = True
         self._announced.delivered()
@@ -808,29 +818,64 @@ class _Delivery(NamedTuple):
     """A message the broker accepted, as kombu handed it over, less what no record shows.
 
     kombu's ``properties`` (delivery info and tag, priority, reply-to, ...) are a third of a
-    message's memory, and only their ``body_encoding`` is needed, to decode the body.
+    message's memory, and only their ``body_encoding`` is needed, to decode the body. The
+    headers are kept as their names and values (a dict of them is made on each read, as a
+    copy was before), and what equals the same header, or the body, of the last message with
+    the same header names (a task's retries) is that message's own string: every retry's
+    message decodes its own copy of each string, most of them the same.
     """
 
     queue: str
     t: float
-    headers: dict[str, Any]
+    header_names: tuple[str, ...]
+    header_values: tuple[Any, ...]
     body: Any
     content_type: str
     content_encoding: str
     base64: bool
 
     @classmethod
-    def of(cls, queue: str, t: float, message: dict[str, Any]) -> _Delivery:
+    def of(
+        cls,
+        queue: str,
+        t: float,
+        message: dict[str, Any],
+        last_by_names: dict[tuple[str, ...], _Delivery],
+    ) -> _Delivery:
+        """The delivery of ``message``; ``last_by_names`` is the last delivery of each set of
+        header names, which this one shares its equal strings with (and then replaces)."""
         properties = message.get("properties") or {}
-        return cls(
+        headers = message.get("headers") or {}
+        names = tuple(headers)
+        values = tuple(headers.values())
+        body = message["body"]
+        last = last_by_names.get(names)
+        if last is not None:
+            names = last.header_names
+            values = tuple(map(_same_string, values, last.header_values))
+            body = _same_string(body, last.body)
+        delivery = cls(
             queue,
             t,
-            message.get("headers") or {},
-            message["body"],
+            names,
+            values,
+            body,
             message["content-type"],
             message["content-encoding"],
             properties.get("body_encoding") == "base64",
         )
+        last_by_names[names] = delivery
+        return delivery
+
+
+def _same_string(value: Any, earlier: Any) -> Any:
+    """``earlier`` where it is a string (or bytes) equal to ``value``: immutable, so nothing
+    read from either can tell them apart. Anything else stays itself (a list or dict a test
+    could change through one message must not change another)."""
+    kind = type(value)
+    if (kind is str or kind is bytes) and type(earlier) is kind and earlier == value:
+        return earlier
+    return value
 
 
 def _decode(delivery: _Delivery, clock: VirtualClock) -> DeliveredMessage:
@@ -839,7 +884,7 @@ def _decode(delivery: _Delivery, clock: VirtualClock) -> DeliveredMessage:
     if delivery.base64:
         body = base64.b64decode(body)
     decoded = serialization.loads(body, delivery.content_type, delivery.content_encoding)
-    headers = dict(delivery.headers)
+    headers = dict(zip(delivery.header_names, delivery.header_values))
     if isinstance(decoded, dict) and "task" in decoded:  # task protocol 1
         headers = {**headers, **decoded}
         args, kwargs = decoded.get("args", ()), decoded.get("kwargs", {})

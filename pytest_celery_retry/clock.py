@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -77,7 +78,7 @@ class VirtualClock:
         self._frozen: Any = None
         self._naive_start = start.replace(tzinfo=None)
         self._patched_sleeps: list[tuple[Any, str, Any]] = []
-        self._modules_at_start: set[str] = set()
+        self._modules_at_start: frozenset[str] = frozenset()
         self._restore_now: Callable[[], None] | None = None
         self._local_offset = timedelta(0)
         self._offset_slot = 0
@@ -275,34 +276,27 @@ class VirtualClock:
         seen = _seen_modules.get(skip)
         if seen is None:  # freezegun's ignore list changed: look at every module again
             _seen_modules.clear()
+            _last_pass.clear()
             seen = _seen_modules[skip] = {}
+        last = _last_pass.get(skip)
+        found = last.repeat(skip, seen) if last is not None else None
+        if found is None:
+            found = _look_over(skip, seen)
+            _last_pass[skip] = _Pass.after(seen)
+        time_functions, sleepers, self._modules_at_start = found
         undo = freezer.undo_changes
+        for module, attribute, value in time_functions:
+            fake = fakes.get(id(value))
+            if fake is not None:
+                setattr(module, attribute, fake)
+                undo.append((module, attribute, value))
         sleeps: list[tuple[Any, Any]] = [(time, self._thread_sleep)]
-        for name, module in _every_module():
-            namespace: Any = getattr(module, "__dict__", None)
-            known = seen.get(id(module))
-            # The same module, its namespace neither grown nor shrunk and still ending with the
-            # same name: the same names as last time (import and assignment add names at the
-            # end), so the same answer. Anything else is looked at again.
-            if (
-                known is None
-                or known.module() is not module
-                or known.size != len(namespace)
-                or known.last != next(reversed(namespace), None)
-            ):
-                known = _look_at(name, module, namespace, skip, seen)
-            if fakes:
-                for attribute, value in known.time_functions:
-                    fake = fakes.get(id(value))
-                    if fake is not None:
-                        setattr(module, attribute, fake)
-                        undo.append((module, attribute, value))
-            if known.sleeps is not None and _own_attribute(module, "sleep") is _REAL_SLEEP:
-                sleeps.append((module, self.sleep if known.sleeps else self._thread_sleep))
+        for module, virtual in sleepers:
+            if _own_attribute(module, "sleep") is _REAL_SLEEP:
+                sleeps.append((module, self.sleep if virtual else self._thread_sleep))
         for module, stand_in in sleeps:
             self._patched_sleeps.append((module, "sleep", _REAL_SLEEP))
             module.sleep = stand_in
-        self._modules_at_start = set(sys.modules)
 
     def _unpatch_sleeps(self) -> None:
         for module, name, original in reversed(self._patched_sleeps):
@@ -316,7 +310,121 @@ class VirtualClock:
             module = sys.modules.get(name)
             if getattr(_own_attribute(module, "sleep"), "__self__", None) is self:
                 setattr(module, "sleep", _REAL_SLEEP)  # noqa: B010 (a module, typed as one)
-        self._modules_at_start = set()
+        self._modules_at_start = frozenset()
+
+
+# What a pass over the loaded modules found: each module's real time functions (module,
+# attribute, value), the modules with a ``sleep`` of their own for a stand-in (True: kombu's
+# and Celery's, which always move the clock), and the names of the modules it went over.
+_Found = tuple[list[tuple[Any, str, Any]], list[tuple[Any, bool]], frozenset[str]]
+
+
+def _look_over(skip: tuple[str, ...] | None, seen: dict[int, _SeenModule]) -> _Found:
+    """A pass over every loaded module, each looked at again unless its namespace kept its
+    shape since the last look."""
+    time_functions: list[tuple[Any, str, Any]] = []
+    sleepers: list[tuple[Any, bool]] = []
+    for name, module in _every_module():
+        namespace: Any = getattr(module, "__dict__", None)
+        known = seen.get(id(module))
+        if known is None or not known.holds_for(module, namespace):
+            known = _look_at(name, module, namespace, skip, seen)
+        time_functions += [(module, attribute, value) for attribute, value in known.time_functions]
+        if known.sleeps is not None:
+            sleepers.append((module, known.sleeps))
+    return time_functions, sleepers, frozenset(sys.modules)
+
+
+def _shapes(namespaces: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
+    """Each namespace's size and last name, in C (no loop of Python's). An empty namespace
+    ends the list of names early: a shape that never matches."""
+    return list(map(len, namespaces)), list(map(next, map(reversed, namespaces)))
+
+
+class _Pass:
+    """The outcome of the last :func:`_look_over`, repeated without looking at each module
+    while every loaded module is the same object under the same name, in the same order, and
+    each namespace has the same size and last name: what ``_look_over`` checks module by
+    module, checked here for all of them at once. What stands in ``sys.modules`` without
+    being a module (``typing.io`` is a class) is looked at every time.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.name_set: frozenset[str] = frozenset()
+        self.ids: list[int] = []
+        # The modules' namespaces (a module's ``__dict__`` cannot be replaced), held only
+        # while every module lives: they are dropped as soon as one is freed.
+        self.namespaces: list[dict[str, Any]] = []
+        self.sizes: list[int] = []
+        self.lasts: list[Any] = []
+        # By position in sys.modules.
+        self.time_functions: list[tuple[int, str, Any]] = []
+        self.sleepers: list[tuple[int, bool]] = []
+        self.looked_at_every_time: list[int] = []
+        self._refs: list[weakref.ref[Any]] = []
+
+    @classmethod
+    def after(cls, seen: dict[int, _SeenModule]) -> _Pass | None:
+        """The pass ``_look_over`` just made, if every module's entry in ``seen`` still holds
+        (a lazy import during the pass may have added a name to a package looked at before)."""
+        done = cls()
+        done.names = list(sys.modules)
+        modules = list(sys.modules.values())
+        done.name_set = frozenset(done.names)
+        done.ids = list(map(id, modules))
+        for position, module in enumerate(modules):
+            if not isinstance(module, types.ModuleType):
+                done.looked_at_every_time.append(position)
+                continue
+            namespace = module.__dict__
+            known = seen.get(id(module))
+            if known is None or not known.holds_for(module, namespace):
+                return None
+            done.namespaces.append(namespace)
+            done.time_functions += [(position, *pair) for pair in known.time_functions]
+            if known.sleeps is not None:
+                done.sleepers.append((position, known.sleeps))
+        done.sizes, done.lasts = _shapes(done.namespaces)
+        if len(done.lasts) != len(done.namespaces):
+            return None
+        try:
+            done._refs = [
+                weakref.ref(module, done._invalidate) for module in modules if module is not None
+            ]
+        except TypeError:  # an object that cannot be watched: looked over every time
+            return None
+        return done
+
+    def _invalidate(self, _: object) -> None:
+        # A freed module could leave its id to another, and its namespace is not ours to keep.
+        self.ids, self.namespaces = [], []
+
+    def repeat(self, skip: tuple[str, ...] | None, seen: dict[int, _SeenModule]) -> _Found | None:
+        """The same outcome, if nothing changed since (None: look over every module)."""
+        modules = list(sys.modules.values())
+        if list(map(id, modules)) != self.ids or list(sys.modules) != self.names:
+            return None
+        time_functions = [
+            (modules[position], attribute, value)
+            for position, attribute, value in self.time_functions
+        ]
+        sleepers = [(modules[position], virtual) for position, virtual in self.sleepers]
+        for position in self.looked_at_every_time:
+            module = modules[position]
+            known = _look_at(
+                self.names[position], module, getattr(module, "__dict__", None), skip, seen
+            )
+            time_functions += [(module, *pair) for pair in known.time_functions]
+            if known.sleeps is not None:
+                sleepers.append((module, known.sleeps))
+        # Looking may import (a lazy attribute): then the modules are not the same any more.
+        if len(sys.modules) != len(self.names) or _shapes(self.namespaces) != (
+            self.sizes,
+            self.lasts,
+        ):
+            return None
+        return time_functions, sleepers, self.name_set
 
 
 def _every_module() -> Iterator[tuple[str, Any]]:
@@ -359,10 +467,22 @@ class _SeenModule:
     # for kombu's and Celery's (which always move the clock), False for the others.
     sleeps: bool | None
 
+    def holds_for(self, module: Any, namespace: Any) -> bool:
+        """Whether this is still what the module holds: the same module, its namespace
+        neither grown nor shrunk and still ending with the same name, so the same names as
+        when it was looked at (import and assignment add names at the end)."""
+        return (
+            self.module() is module
+            and self.size == len(namespace)
+            and self.last == next(reversed(namespace), None)
+        )
+
 
 # By freezegun's ignore list, then by module identity (freezegun's own cache goes by
 # ``__name__``, which ``io`` and ``_io``, ``collections.abc`` and ``_collections_abc`` share).
 _seen_modules: dict[tuple[str, ...] | None, dict[int, _SeenModule]] = {}
+# The last pass over the modules, by freezegun's ignore list (cleared with _seen_modules).
+_last_pass: dict[tuple[str, ...] | None, _Pass | None] = {}
 
 
 def _look_at(

@@ -223,7 +223,7 @@ class Consumer:
         # A broker that is down neither sweeps nor ticks.
         if self.limit is not None and not self.broker.is_down:
             self.limit.enforce(self)
-        now = self.broker.clock.now()
+        now: datetime | None = None  # read once, for the first ETA: taking nothing moves it
         for queue in list(self.broker.queues):
             while self._can_reserve():
                 message = channel.basic_get(queue, no_ack=False)
@@ -231,6 +231,8 @@ class Consumer:
                     break
                 request = self._request_for(message)
                 eta = request.eta
+                if eta is not None and now is None:
+                    now = self.broker.clock.now()
                 if eta is not None and eta > now:
                     # Celery's default strategy: the ETA first, then the rate limit.
                     self.call_at(eta, self._admit, (request,), priority=_ETA_PRIORITY)

@@ -24,7 +24,7 @@ import sys
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from billiard import einfo
@@ -87,9 +87,12 @@ if sys.version_info >= (3, 11):
 @contextmanager
 def remembered_tracebacks() -> Iterator[None]:
     """While the block runs, tracebacks are copied and formatted from what is remembered."""
-    with ExitStack() as undo:
-        for replacement, where, name in _REMEMBERED:
-            original = vars(where)[name]
-            setattr(where, name, replacement)
-            undo.callback(setattr, where, name, original)
+    # Entered for every attempt: a plain list of what to put back, no ExitStack.
+    originals = [(where, name, vars(where)[name]) for _, where, name in _REMEMBERED]
+    for replacement, where, name in _REMEMBERED:
+        setattr(where, name, replacement)
+    try:
         yield
+    finally:
+        for where, name, original in originals:
+            setattr(where, name, original)

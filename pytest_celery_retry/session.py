@@ -167,7 +167,8 @@ _unhook: list[Callable[[], None]] = []
 
 def _route(app: Any, publishing: bool) -> str | None:
     """Where ``app``'s next connection goes: the in-memory broker of the current session."""
-    if not _active or app in real_broker_apps:
+    # A WeakSet's membership test makes a weak reference: asked only when there is one.
+    if not _active or (real_broker_apps and app in real_broker_apps):
         return None
     session = _active[-1]
     installed = session.installations.get(id(app))

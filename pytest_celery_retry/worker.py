@@ -166,8 +166,9 @@ class RetryWorker:
         self._attempt_order = itertools.count(1)
         self._tracked: list[Tracked] = []
         self._redeliveries = RedeliveryPlan()
-        # How often each message, by (task id, retries), has been executed.
-        self._deliveries: dict[tuple[str, int], int] = {}
+        # How often each message has been executed, by task id, then retries (no key tuple
+        # per retry: it would be a tenth of what a retry keeps alive).
+        self._deliveries: dict[str, dict[int, int]] = {}
         self._hooks = AttemptHooks()
 
     @property
@@ -463,8 +464,8 @@ class RetryWorker:
         events_before = len(self.events)
         # Which delivery of its message this is: the broker's copies of one message share
         # the task id and retries.
-        copies = (run.task_id, attempt.retries)
-        delivery = self._deliveries[copies] = self._deliveries.get(copies, 0) + 1
+        copies = self._deliveries.setdefault(run.task_id, {})
+        delivery = copies[attempt.retries] = copies.get(attempt.retries, 0) + 1
         lose = self._redeliveries.lose(run.task_name, delivery)
         crash = self._pool.crash_next = self._crash_for(run.task_name, lose)
         reports = self._reports = _Reports(run.task_id, attempt, delivery)

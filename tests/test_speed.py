@@ -5,9 +5,12 @@ Speed itself is measured by benchmarks/bench.py, not here: these tests pin behav
 
 from __future__ import annotations
 
+import base64
+import gc
 import sys
 import time
 import types
+import weakref
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 import freezegun.api
 import pytest
 
+from pytest_celery_retry import clock as clock_module
 from pytest_celery_retry.clock import VirtualClock
 
 
@@ -153,6 +157,93 @@ def test_a_freeze_time_of_the_test_keeps_freezegun_s_own_cache(module_listings: 
     with freezegun.freeze_time("2030-01-01"):
         pass
     assert len(module_listings) > 100
+
+
+def _start_twice() -> None:
+    """A clock started twice: the second start repeats the first's pass over the modules."""
+    for _ in range(2):
+        with VirtualClock():
+            pass
+
+
+def test_a_clock_started_with_the_same_modules_goes_over_none_of_them_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _start_twice()
+    passes: list[str] = []
+    real = clock_module._every_module
+
+    def spy() -> Iterator[tuple[str, Any]]:
+        passes.append("over every module")
+        return real()
+
+    monkeypatch.setattr(clock_module, "_every_module", spy)
+    with VirtualClock():
+        pass
+    assert passes == []
+
+
+def test_a_module_replaced_under_the_same_name_is_looked_at(
+    fresh_module: types.ModuleType,
+) -> None:
+    _start_twice()
+    replacement = types.ModuleType(fresh_module.__name__)
+    replacement.time = time.time  # type: ignore[attr-defined]
+    sys.modules[fresh_module.__name__] = replacement  # same name, same place in sys.modules
+    with VirtualClock():
+        assert replacement.time is freezegun.api.fake_time
+    assert replacement.time is time.time
+
+
+def test_a_module_that_gains_a_time_function_after_a_repeated_start_is_patched(
+    fresh_module: types.ModuleType,
+) -> None:
+    _start_twice()
+    fresh_module.now = time.time  # type: ignore[attr-defined]
+    with VirtualClock():
+        assert fresh_module.now is freezegun.api.fake_time
+    assert fresh_module.now is time.time
+
+
+def test_an_empty_module_does_not_hide_a_later_module_s_change(
+    fresh_module: types.ModuleType,
+) -> None:
+    # Each namespace's last name is read in one go; an empty namespace has none, and must not
+    # cut the comparison short for the modules after it.
+    empty = types.ModuleType("speed_empty_module")
+    empty.__dict__.clear()
+    del sys.modules[fresh_module.__name__]
+    sys.modules["speed_empty_module"] = empty
+    sys.modules[fresh_module.__name__] = fresh_module
+    try:
+        fresh_module.clock = None  # type: ignore[attr-defined]
+        _start_twice()
+        del fresh_module.clock  # type: ignore[attr-defined]
+        fresh_module.now = time.time  # type: ignore[attr-defined]
+        with VirtualClock():
+            assert fresh_module.now is freezegun.api.fake_time
+        assert fresh_module.now is time.time
+    finally:
+        del sys.modules["speed_empty_module"]
+
+
+def test_the_clock_keeps_no_module_alive_once_it_is_unloaded() -> None:
+    module = types.ModuleType("speed_unloaded_module")
+    module.marker = _Marker()  # type: ignore[attr-defined]
+    marker = weakref.ref(module.marker)  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    try:
+        _start_twice()
+    finally:
+        del sys.modules[module.__name__]
+    del module
+    gc.collect()
+    assert marker() is None
+    _start_twice()  # and the next clocks look at the modules loaded now
+
+
+class _Marker:
+    pass
 
 
 # -- what a test reads directly: virtual, as docs/worker.md says; pytest's own timing: real ---
@@ -368,3 +459,51 @@ def test_each_code_object_is_copied_once_not_once_per_retry(
     retry_worker.apply(app.tasks["speed.retries"])
     # Before: every frame of every retry's traceback, about 20 for each of the 20 retries.
     assert len(copied) == len({id(code) for code in copied})
+
+
+# -- memory: what the records keep, every field read as before ---------------------------------
+def test_delivered_messages_read_as_kombu_handed_them_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from kombu import serialization
+
+    from pytest_celery_retry.broker import InMemoryBroker
+    from pytest_celery_retry.session import RetrySession
+    from pytest_celery_retry.worker import RetryWorker
+
+    handed_over: list[dict[str, Any]] = []
+    record = InMemoryBroker._record_delivery
+
+    def spy(self: InMemoryBroker, queue: str, message: dict[str, Any]) -> None:
+        handed_over.append(copy.deepcopy(message))
+        record(self, queue, message)
+
+    monkeypatch.setattr(InMemoryBroker, "_record_delivery", spy)
+    app = _app_that_fails()
+    session = RetrySession().start()
+    try:
+        broker = session.installation(app).broker
+        worker = RetryWorker(session)
+        worker.apply(app.tasks["speed.retries"], headers={"tags": ["a", "b"]})
+        worker.close()
+        messages = broker.messages(queue=None)
+    finally:
+        session.close()
+    assert len(messages) == len(handed_over) == 3
+    for message, original in zip(messages, handed_over):
+        body = original["body"]
+        if original["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, _ = serialization.loads(
+            body, original["content-type"], original["content-encoding"]
+        )
+        assert message.headers == original["headers"]
+        assert list(message.headers) == list(original["headers"])
+        assert (message.args, message.kwargs) == (args, kwargs)
+    # A retry's equal strings are the earlier message's; what a test could change is its own.
+    first, second = (message.headers for message in messages[1:])
+    assert first["argsrepr"] is second["argsrepr"] and first["id"] is second["id"]
+    # Celery makes each message's timelimit list afresh.
+    assert first["timelimit"] == second["timelimit"]
+    assert first["timelimit"] is not second["timelimit"]
+    assert first["retries"] != second["retries"]
