@@ -279,9 +279,9 @@ class VirtualClock:
             _last_pass.clear()
             seen = _seen_modules[skip] = {}
         last = _last_pass.get(skip)
-        found = last.repeat(skip, seen) if last is not None else None
+        found = last.repeat(skip, seen, freezer.reals) if last is not None else None
         if found is None:
-            found = _look_over(skip, seen)
+            found = _look_over(skip, seen, freezer.reals)
             _last_pass[skip] = _Pass.after(seen)
         time_functions, sleepers, self._modules_at_start = found
         undo = freezer.undo_changes
@@ -319,7 +319,9 @@ class VirtualClock:
 _Found = tuple[list[tuple[Any, str, Any]], list[tuple[Any, bool]], frozenset[str]]
 
 
-def _look_over(skip: tuple[str, ...] | None, seen: dict[int, _SeenModule]) -> _Found:
+def _look_over(
+    skip: tuple[str, ...] | None, seen: dict[int, _SeenModule], reals: dict[int, Any]
+) -> _Found:
     """A pass over every loaded module, each looked at again unless its namespace kept its
     shape since the last look."""
     time_functions: list[tuple[Any, str, Any]] = []
@@ -328,7 +330,7 @@ def _look_over(skip: tuple[str, ...] | None, seen: dict[int, _SeenModule]) -> _F
         namespace: Any = getattr(module, "__dict__", None)
         known = seen.get(id(module))
         if known is None or not known.holds_for(module, namespace):
-            known = _look_at(name, module, namespace, skip, seen)
+            known = _look_at(name, module, namespace, skip, seen, reals)
         time_functions += [(module, attribute, value) for attribute, value in known.time_functions]
         if known.sleeps is not None:
             sleepers.append((module, known.sleeps))
@@ -400,7 +402,9 @@ class _Pass:
         # A freed module could leave its id to another, and its namespace is not ours to keep.
         self.ids, self.namespaces = [], []
 
-    def repeat(self, skip: tuple[str, ...] | None, seen: dict[int, _SeenModule]) -> _Found | None:
+    def repeat(
+        self, skip: tuple[str, ...] | None, seen: dict[int, _SeenModule], reals: dict[int, Any]
+    ) -> _Found | None:
         """The same outcome, if nothing changed since (None: look over every module)."""
         modules = list(sys.modules.values())
         if list(map(id, modules)) != self.ids or list(sys.modules) != self.names:
@@ -413,7 +417,7 @@ class _Pass:
         for position in self.looked_at_every_time:
             module = modules[position]
             known = _look_at(
-                self.names[position], module, getattr(module, "__dict__", None), skip, seen
+                self.names[position], module, getattr(module, "__dict__", None), skip, seen, reals
             )
             time_functions += [(module, *pair) for pair in known.time_functions]
             if known.sleeps is not None:
@@ -491,6 +495,7 @@ def _look_at(
     namespace: Any,
     skip: tuple[str, ...] | None,
     seen: dict[int, _SeenModule],
+    reals: dict[int, Any],
 ) -> _SeenModule:
     """Look at a module the clock has not seen with this namespace, and remember it.
 
@@ -514,6 +519,16 @@ def _look_at(
         with warnings.catch_warnings():  # as freezegun lists them: some attributes warn
             warnings.simplefilter("ignore")
             time_functions = api._get_cached_module_attributes(module)
+        # A module imported while the clock ran (``from time import monotonic`` in a lazy
+        # import) holds freezegun's fakes, which its stop() turns back into the real functions
+        # without changing the namespace's shape: remembered as the real ones, the module is
+        # patched at the next start, as it would be had it been imported before.
+        if isinstance(namespace, dict):
+            time_functions = time_functions + [
+                (attribute, reals[id(value)])
+                for attribute, value in list(namespace.items())
+                if id(value) in reals
+            ]
     sleeps = None
     if not (
         module is None

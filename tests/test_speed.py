@@ -151,6 +151,41 @@ def test_a_module_a_lazy_package_imports_during_the_clock_s_pass_is_patched_too(
         sys.modules.pop("kombu.celery_retry_probe_lazy_import", None)
 
 
+def test_a_module_a_lazy_package_imports_during_the_clock_s_pass_reads_virtual_time_next_time() -> (
+    None
+):
+    # Celery's and kombu's lazy packages import amqp.connection and kombu.utils.functional
+    # (``from time import monotonic``, ``time``) when the first clock's pass reads them: they
+    # take freezegun's fakes, which its stop() turns back into the real functions without
+    # changing their namespace's shape. The next clock must patch them all the same (a rate
+    # limit's wait read real time in every test of a process after the first).
+    lazy = types.ModuleType("celery_retry_probe_lazy_timed")
+
+    def __getattr__(name: str) -> Any:
+        if name != "thing":
+            raise AttributeError(name)
+        module = types.ModuleType("celery_retry_probe_timed")
+        exec("from time import monotonic", module.__dict__)
+        sys.modules[module.__name__] = module
+        return module
+
+    lazy.__getattr__ = __getattr__  # type: ignore[method-assign]
+    lazy.__dir__ = lambda: ["thing"]  # type: ignore[method-assign]
+    sys.modules[lazy.__name__] = lazy
+    try:
+        with VirtualClock():
+            module = sys.modules["celery_retry_probe_timed"]
+        assert module.monotonic is time.monotonic  # freezegun's stop put the real one back
+        with VirtualClock() as clock:
+            before = module.monotonic()
+            clock.advance(30)
+            assert module.monotonic() - before == 30
+        assert module.monotonic is time.monotonic
+    finally:
+        sys.modules.pop(lazy.__name__, None)
+        sys.modules.pop("celery_retry_probe_timed", None)
+
+
 def test_a_freeze_time_of_the_test_keeps_freezegun_s_own_cache(module_listings: list[str]) -> None:
     with VirtualClock():
         pass
