@@ -157,6 +157,21 @@ def check_retry_policy(policy: Any, source: str) -> None:
         )
 
 
+def check_message_protocol(app: Any) -> None:
+    """Refuse ``task_protocol=1``: the retry worker reads each message's task, id and retries
+    from the headers of Celery's protocol 2 (its default since Celery 4), where protocol 1
+    (Celery 3's) keeps them in the body; such a message would reach the worker as a task
+    named None."""
+    protocol = app.conf.task_protocol
+    if protocol == 1:
+        raise ConfigurationError(
+            f"app {app.main!r}: task_protocol=1 (Celery 3's message format, the task's name, "
+            "id and retries in the body) is not supported: the retry worker runs messages of "
+            "protocol 2, Celery's default since 4.0. Set task_protocol=2 for the test (or "
+            "remove the setting)"
+        )
+
+
 @functools.cache
 def _retry_policy_keys() -> frozenset[str]:
     # Checked on every publish while a session runs: read kombu's signature once.

@@ -12,7 +12,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .app_state import AppPatch, check_retry_policy, hook_celery, real_broker_apps
+from .app_state import (
+    AppPatch,
+    check_message_protocol,
+    check_retry_policy,
+    hook_celery,
+    real_broker_apps,
+)
 from .clock import VirtualClock
 
 if TYPE_CHECKING:
@@ -82,10 +88,12 @@ class RetrySession:
     def installation(self, app: Any, flavor: str | None = None) -> AppInstallation:
         """Install the in-memory broker (and result backend) on ``app``, once per test.
 
-        The app's publish retry policy is checked on every call: the test may set it at any
-        time, and kombu would only trip over a bad one when a publish fails.
+        The app's publish retry policy and message protocol are checked on every call: the
+        test may set them at any time, and kombu would only trip over a bad policy when a
+        publish fails.
         """
         check_retry_policy(app.conf.task_publish_retry_policy, "task_publish_retry_policy")
+        check_message_protocol(app)
         installed = self.installations.get(id(app))
         if installed is not None:
             return installed

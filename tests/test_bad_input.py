@@ -11,6 +11,7 @@ from kombu.exceptions import EncodeError, OperationalError
 
 from pytest_celery_retry import (
     BrokerDownError,
+    ConfigurationError,
     UsageError,
     assert_backoff,
     assert_publish_retries,
@@ -56,6 +57,20 @@ def test_unknown_key_in_the_apps_publish_retry_policy(app, request):
     app.conf.task_publish_retry_policy = {"max_retry": 3}
     with pytest.raises(UsageError, match=r"task_publish_retry_policy.*'max_retry'.*max_retries"):
         request.getfixturevalue("flaky_broker")
+
+
+def test_message_protocol_1_is_refused(app, request):
+    app.conf.task_protocol = 1
+    with pytest.raises(ConfigurationError, match=r"task_protocol=1 .*not supported.*task_protocol=2"):
+        request.getfixturevalue("flaky_broker")
+
+
+def test_message_protocol_1_set_during_the_test_is_refused(app, retry_worker):
+    app.conf.task_protocol = 1
+    with pytest.raises(ConfigurationError, match=r"app 'test-app-\d+': task_protocol=1"):
+        retry_worker.apply(app.tasks["foo.task"])
+    app.conf.task_protocol = 2
+    assert retry_worker.apply(app.tasks["foo.task"]).retries == 3
 
 
 def test_non_serializable_argument(app, retry_worker):
