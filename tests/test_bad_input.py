@@ -61,7 +61,7 @@ def test_unknown_key_in_the_apps_publish_retry_policy(app, request):
 
 def test_message_protocol_1_is_refused(app, request):
     app.conf.task_protocol = 1
-    with pytest.raises(ConfigurationError, match=r"task_protocol=1 .*not supported.*task_protocol=2"):
+    with pytest.raises(ConfigurationError, match=r"task_protocol=1 .*not supported.*protocol=2"):
         request.getfixturevalue("flaky_broker")
 
 
