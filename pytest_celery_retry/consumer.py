@@ -30,7 +30,7 @@ from .transport import CONSUMER_ROLE_OPTION
 
 if TYPE_CHECKING:
     from .broker import InMemoryBroker
-    from .flavors import Heartbeats
+    from .flavors import Heartbeats, HeldLimit
     from .session import AppInstallation
 
 __all__ = ["Consumer", "Settled"]
@@ -96,8 +96,8 @@ class Consumer:
             app=self.app, first_connection_attempt=True, broker_connection_retry_attempt=0
         )
         # What the broker does to a message held unacknowledged for long: Redis's visibility
-        # sweep, RabbitMQ's consumer_timeout (read when the worker starts).
-        self.limit = self.broker.rules.held_limit(self.app, self.broker)
+        # sweep, RabbitMQ's consumer_timeout (read at each connect, see _connect).
+        self.limit: HeldLimit | None = None
         self._on_limit = on_limit
         self.registered_at = 0.0
         # The last sweep or channel tick that acted on this connection.
@@ -120,6 +120,10 @@ class Consumer:
             transport_options={CONSUMER_ROLE_OPTION: "consumer"}
         )
         connected = CeleryConsumer.ensure_connected(self._celery_state, connection)
+        # RabbitMQ reads consumer_timeout when a channel opens and keeps it for the channel's
+        # life (measured, docs/broker-limits.md), and kombu's Redis channel its transport
+        # options: a new value reaches the connection opened next.
+        self.limit = self.broker.rules.held_limit(self.app, self.broker)
         # The consumer registers with the event loop now: its visibility sweeps (and its
         # channel's ticks) count from here.
         self.registered_at = self.broker.clock.elapsed

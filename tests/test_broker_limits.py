@@ -291,3 +291,31 @@ def test_a_stopped_worker_is_a_clear_failure(pytester: pytest.Pytester) -> None:
             "and requeued it",
         ]
     )
+
+
+@pytest.mark.parametrize("celery_retry_flavor", ["pyamqp"], indirect=True)
+@pytest.mark.parametrize("reconnect", [False, True], ids=["same-channel", "after-a-reconnect"])
+def test_a_lowered_consumer_timeout_reaches_the_channels_opened_after_it(
+    celery_retry_flavor: str, flaky_broker: Any, retry_worker: Any, reconnect: bool
+) -> None:
+    # RabbitMQ reads consumer_timeout when a channel opens and keeps it (measured on 3.10.8:
+    # docs/broker-limits.md): the worker's channel keeps the 30 min it opened with, the
+    # channel it opens after an outage gets the new 2 s.
+    app = flaky_broker.app
+    app.conf.broker_channel_error_retry = True
+    waits = retrying_once(app, 8)
+
+    @retry_worker.before_attempt(waits, n=1)
+    def lower() -> None:
+        flaky_broker.consumer_timeout = 2
+        flaky_broker.channel_tick_interval = 1
+        if reconnect:
+            flaky_broker.outage(1, starting_in=1)
+
+    run = retry_worker.apply(waits)
+
+    # After the outage (1 to 2 s) the worker reconnects at 3 s and holds the retry again; the
+    # new channel's ticks close it at 6 s; the next holds it until its ETA.
+    closes = [(6.0, "consumer timeout")] if reconnect else []
+    assert [(e.t, e.action) for e in run.limit_events] == closes
+    assert [(a.t, a.redelivered) for a in run.attempts] == [(0, False), (8, reconnect)]
