@@ -368,6 +368,21 @@ class Publish:
     sent: float = field(default_factory=time.monotonic)
 
 
+@contextmanager
+def receivers_connected(
+    owner: object, receivers: list[tuple[Any, Callable[..., None]]]
+) -> Iterator[None]:
+    """Each ``(signal, receiver)`` connected while the block runs, under ``owner``'s own
+    dispatch ids (several recorders may listen at once)."""
+    for signal, receiver in receivers:
+        signal.connect(receiver, weak=False, dispatch_uid=(id(owner), receiver.__name__))
+    try:
+        yield
+    finally:
+        for signal, receiver in receivers:
+            signal.disconnect(receiver, dispatch_uid=(id(owner), receiver.__name__))
+
+
 @dataclass
 class SignalRecorder:
     """What a real worker did with one task id, as Celery's signals tell it.
@@ -396,20 +411,17 @@ class SignalRecorder:
 
     @contextmanager
     def connected(self) -> Iterator[SignalRecorder]:
-        receivers = [
-            (signals.before_task_publish, self._before_publish),
-            (signals.after_task_publish, self._after_publish),
-            (signals.task_prerun, self._prerun),
-            (signals.task_retry, self._retry),
-            (signals.task_postrun, self._postrun),
-        ]
-        for signal, receiver in receivers:
-            signal.connect(receiver, weak=False, dispatch_uid=(id(self), receiver.__name__))
-        try:
+        with receivers_connected(
+            self,
+            [
+                (signals.before_task_publish, self._before_publish),
+                (signals.after_task_publish, self._after_publish),
+                (signals.task_prerun, self._prerun),
+                (signals.task_retry, self._retry),
+                (signals.task_postrun, self._postrun),
+            ],
+        ):
             yield self
-        finally:
-            for signal, receiver in receivers:
-                signal.disconnect(receiver, dispatch_uid=(id(self), receiver.__name__))
 
     def _before_publish(
         self, body: Any = None, headers: dict[str, Any] | None = None, **_: Any

@@ -35,6 +35,7 @@ from tests.test_fidelity import (
     RefusedPublishes,
     describe,
     process_state_kept,
+    receivers_connected,
     transport_for_run,
 )
 
@@ -259,13 +260,8 @@ class AttemptRecorder:
     @contextmanager
     def connected(self) -> Iterator[AttemptRecorder]:
         receivers = [(signals.task_prerun, self._prerun), (signals.task_postrun, self._postrun)]
-        for signal, receiver in receivers:
-            signal.connect(receiver, weak=False, dispatch_uid=(id(self), receiver.__name__))
-        try:
+        with receivers_connected(self, receivers):
             yield self
-        finally:
-            for signal, receiver in receivers:
-                signal.disconnect(receiver, dispatch_uid=(id(self), receiver.__name__))
 
     def _prerun(
         self, task_id: str | None = None, task: Any = None, args: Any = (), **_: Any
