@@ -166,9 +166,8 @@ def _may_hold_a_rabbitmq_delivery(node: pytest.Item) -> bool:
 @pytest.fixture(autouse=True)
 def _share_the_rabbitmq_node(request: pytest.FixtureRequest) -> Iterator[None]:
     node = request.node
-    real = node.get_closest_marker("real_broker") or "broker_proxy" in request.fixturenames
     if (
-        not real
+        not _uses_a_real_broker(node)
         or node.get_closest_marker("own_rabbitmq_node_lock")
         or node.get_closest_marker("changes_rabbitmq_node")
         or not _may_hold_a_rabbitmq_delivery(node)
@@ -179,12 +178,16 @@ def _share_the_rabbitmq_node(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
 
 
+def _uses_a_real_broker(item: pytest.Item) -> bool:
+    return bool(item.get_closest_marker("real_broker")) or "broker_proxy" in getattr(
+        item, "fixturenames", ()
+    )
+
+
 def _schedule_rank(item: pytest.Item) -> int:
     if item.get_closest_marker("changes_rabbitmq_node"):
         return 0
-    real = item.get_closest_marker("real_broker") or "broker_proxy" in getattr(
-        item, "fixturenames", ()
-    )
+    real = _uses_a_real_broker(item)
     if not (real or item.get_closest_marker("slow")):
         return 3
     return 2 if real and _may_hold_a_rabbitmq_delivery(item) else 1
