@@ -69,33 +69,49 @@ def rabbitmqctl(*arguments: str) -> str:
     return result.stdout.strip()
 
 
-def _set(name: str, value: str) -> str:
-    return f"application:set_env(rabbit, {name}, {value}), "
+def _swap(name: str, value: int) -> str | None:
+    """Set the node's ``rabbit`` setting ``name`` to ``value``; return what it was (None: it
+    was not set). One ``rabbitmqctl`` call (an Erlang VM start, about half a second)."""
+    found = rabbitmqctl(
+        f"B = application:get_env(rabbit, {name}), application:set_env(rabbit, {name}, {value}), B."
+    )
+    previous = re.fullmatch(r"\{ok,(\d+)\}|undefined", found)
+    assert previous is not None, found
+    return previous.group(1)
+
+
+def _restore(name: str, previous: str | None) -> None:
+    rabbitmqctl(
+        f"application:set_env(rabbit, {name}, {previous}), ok."
+        if previous is not None
+        else f"application:unset_env(rabbit, {name}), ok."
+    )
 
 
 @contextlib.contextmanager
 def channel_tick_lowered(milliseconds: int) -> Iterator[None]:
     """The node's ``channel_tick_interval`` at ``milliseconds`` while the block runs, and
-    back to what it was once no test needs it lowered (the tests lower it to one value)."""
-    with _locked(_TICK_USERS, fcntl.LOCK_SH):
-        with _locked(_TICK_MUTEX, fcntl.LOCK_EX):
-            found = rabbitmqctl(
-                f"B = application:get_env(rabbit, channel_tick_interval), "
-                f"{_set('channel_tick_interval', str(milliseconds))}B."
-            )
-            if not _TICK_ORIGINAL.exists():
-                original = re.fullmatch(r"\{ok,(\d+)\}", found)
-                # RabbitMQ sets it at boot; a node without it could not open channels.
-                assert original is not None, found
-                _TICK_ORIGINAL.write_text(original.group(1))
-        yield
-    with _locked(_TICK_MUTEX, fcntl.LOCK_EX), _TICK_USERS.open("a") as users:
-        try:  # the last user out finds no other holder
-            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return
-        rabbitmqctl(_set("channel_tick_interval", _TICK_ORIGINAL.read_text()) + "ok.")
-        _TICK_ORIGINAL.unlink()
+    back to what it was once no test needs it lowered (the tests lower it to one value), on
+    every path."""
+    try:
+        with _locked(_TICK_USERS, fcntl.LOCK_SH):
+            with _locked(_TICK_MUTEX, fcntl.LOCK_EX):
+                previous = _swap("channel_tick_interval", milliseconds)
+                if not _TICK_ORIGINAL.exists():
+                    # RabbitMQ sets it at boot; a node without it could not open channels.
+                    assert previous is not None
+                    _TICK_ORIGINAL.write_text(previous)
+            yield
+    finally:
+        with _locked(_TICK_MUTEX, fcntl.LOCK_EX), _TICK_USERS.open("a") as users:
+            try:  # the last user out finds no other holder
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                if _TICK_ORIGINAL.exists():
+                    _restore("channel_tick_interval", _TICK_ORIGINAL.read_text())
+                    _TICK_ORIGINAL.unlink()
 
 
 @contextlib.contextmanager
@@ -104,20 +120,8 @@ def consumer_timeout_lowered(milliseconds: int, tick: int) -> Iterator[None]:
     block runs, with every other test that may hold a RabbitMQ delivery kept waiting; the
     node's value comes back on every path."""
     with channel_tick_lowered(tick), rabbitmq_node_lock(exclusive=True):
-        found = rabbitmqctl(
-            f"B = application:get_env(rabbit, consumer_timeout), "
-            f"{_set('consumer_timeout', str(milliseconds))}B."
-        )
-        original = re.fullmatch(r"\{ok,(\d+)\}|undefined", found)
-        assert original is not None, found
+        previous = _swap("consumer_timeout", milliseconds)
         try:
             yield
         finally:
-            rabbitmqctl(
-                (
-                    _set("consumer_timeout", original.group(1))
-                    if original.group(1)
-                    else "application:unset_env(rabbit, consumer_timeout), "
-                )
-                + "ok."
-            )
+            _restore("consumer_timeout", previous)
