@@ -73,6 +73,7 @@ def payloads(kind: str, queue: str) -> list[Any]:
 
 
 BIG = ["x" * 100_000]  # a publish of about 100 KB
+WRITE_INTO_A_CLOSED_CONNECTION = ("Connection reset by peer", "Broken pipe")
 
 
 @pytest.mark.parametrize("retry", [True, False], ids=["retry", "no-retry"])
@@ -98,8 +99,11 @@ def test_limit_data_cuts_a_publish_mid_frame(
     if retry:  # kombu's retry policy republishes on a new connection
         assert (error, found) == (None, [[], BIG]), proxy.timeline()
         assert len(proxy.connections) > 1
-    else:  # the client writes into a connection the proxy reset (ECONNRESET)
-        assert "Connection reset by peer" in str(error), error
+    else:  # the client writes into the connection the proxy closed
+        # The proxy's close() sends RST while the client's bytes wait unread (ECONNRESET),
+        # or FIN when it read them all; the client's next write then meets the proxy's RST
+        # in CLOSE_WAIT, which Linux reports as EPIPE. Which one is a race, as with Toxiproxy.
+        assert any(text in str(error) for text in WRITE_INTO_A_CLOSED_CONNECTION), error
         assert found == [[]]
 
 
