@@ -690,10 +690,22 @@ def test_quorum_queue_retries_more_than_twice_through_celery_delayed_queues() ->
     assert all(gap == pytest.approx(1, abs=0.4) for gap in gaps), runs
 
 
+def unacknowledged_on(url: str) -> int:
+    """The deliveries RabbitMQ's channels on ``url``'s virtual host wait to hear an ack for.
+    A channel counts an ack once it processed it; a quorum queue's own count lags seconds."""
+    from urllib.parse import unquote, urlsplit
+
+    vhost = unquote(urlsplit(url).path[1:])
+    rows = rabbitmqctl("list_channels", "-q", "vhost", "messages_unacknowledged").splitlines()
+    cells = [row.split("\t") for row in rows]
+    return sum(int(count) for name, count in cells if name == vhost and count.isdigit())
+
+
 @real_broker
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"], ids=["quorum", "classic"])
 def test_countdown_retry_through_a_cut(queue_type: str) -> None:
-    # The worker loses RabbitMQ (the proxy cuts it) while a retry with countdown 3 waits.
+    # The worker loses RabbitMQ (the proxy cuts it) while a retry with countdown 7 waits
+    # (odd: a quorum queue's retry then reaches the queue from celery_delayed_delivery).
     queue = new_name()
     woken: list[float] = []
     with own_vhost() as url, BrokerProxy(url) as proxy:
@@ -704,22 +716,33 @@ def test_countdown_retry_through_a_cut(queue_type: str) -> None:
         def wake() -> None:
             woken.append(time.monotonic())
 
-        with recording(app, countdown=3) as recorder, start_worker(app, queue):
+        def only_the_retry_is_held() -> bool:
+            # The first run's and the wake's acks processed; the retry delivered and held
+            # by the worker (classic), or waiting in RabbitMQ's delayed queues (quorum).
+            unacknowledged = unacknowledged_on(url)
+            if queue_type == "quorum":
+                return unacknowledged == 0
+            return unacknowledged == 1 and any(copy.retries for copy in recorder.received)
+
+        with recording(app, countdown=7) as recorder, start_worker(app, queue):
             recorder.started = time.monotonic()
             app.tasks["waits"].apply_async()
             assert wait_until(lambda: len(recorder.runs) == 1, 5), recorder.received
-            # The solo worker sends the ack of the first run from its event loop when the
-            # loop next wakes. With a quorum queue nothing arrives to wake it (the retry
-            # waits in RabbitMQ) until its next timer, and a cut before then would run the
-            # first attempt again: a delivery wakes it.
+            # The solo worker sends the first run's ack from its event loop when the loop
+            # next wakes; with a quorum queue nothing arrives (the retry waits in RabbitMQ)
+            # until a timer fires, so a delivery wakes it. A cut before RabbitMQ processed
+            # the ack would run the first attempt again: the cut waits for the broker's count.
             wake.apply_async()
             assert wait_until(lambda: bool(woken), 5), recorder.received
+            assert wait_until(only_the_retry_is_held, 5), unacknowledged_on(url)
             cut_at = time.monotonic() - recorder.started
+            # Reconnecting takes up to 2 s after the outage (Celery's first interval).
+            assert cut_at + 1.5 + 2 < 7, f"the cut came late, at {cut_at:.1f} s"
             proxy.outage(1.5)
-            assert wait_until(lambda: len(recorder.runs) == 2, 10), proxy.timeline()
+            assert wait_until(lambda: len(recorder.runs) == 2, 12), proxy.timeline()
     held = recorder.retries(recorder.received)
     assert [run.retries for run in recorder.runs] == [0, 1], recorder.runs
-    assert recorder.runs[1].t == pytest.approx(3, abs=0.5), recorder.runs
+    assert recorder.runs[1].t == pytest.approx(7, abs=0.5), recorder.runs
     if queue_type == "quorum":
         # RabbitMQ holds the retry in the celery_delayed_* queues, whatever the worker's
         # connection does: it reaches the queue at its countdown, first delivery.
