@@ -15,6 +15,7 @@ from typing import Any
 
 import celery
 import pytest
+from celery.signals import task_received
 from kombu.exceptions import OperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -368,17 +369,27 @@ def test_redis_holds_back_an_eta_message_a_lost_connection_held(
         if self.request.retries == 0:
             raise self.retry(countdown=1)
 
+    received: list[int] = []  # the retries of each message the worker received
+
+    def on_received(request: Any, **_: Any) -> None:
+        received.append(request.request_dict.get("retries", 0))
+
+    task_received.connect(on_received, weak=False)
     try:
         with start_worker(app, queue):
             started[0] = time.monotonic()
             result = poll_once.apply_async(queue=queue)
             assert wait_until(lambda: len(runs) == 1, 10), proxy.timeline()
-            time.sleep(0.3)  # the worker now holds the retry until its ETA (t=1)
+            # Received, the retry is in Redis's unacked hash (kombu writes it there first)
+            # and held until its ETA (t=1); under load that can take a while.
+            assert wait_until(lambda: 1 in received, 5), (received, proxy.timeline())
+            time.sleep(max(0.0, 0.3 - (time.monotonic() - started[0])))  # cut at t=0.3
             proxy.outage(1.5)
             wait_until(lambda: len(runs) == 2, 10)
             # Checked while the worker runs: a stopping worker restores what it held.
             held_back = unacked_in_redis(result.id, queue)
     finally:
+        task_received.disconnect(on_received)
         drain("redis", queue)
     crashed = "Unrecoverable error: AttributeError" in caplog.text
     if CELERY_CRASHES_ON_HELD_MESSAGES and crashed:
