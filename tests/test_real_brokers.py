@@ -294,7 +294,7 @@ SWEEP_SLACK = 1.2
 # channel's close then restores what it held through a client kombu already dropped, and the
 # AttributeError that raises is not a connection error: the worker stops. The in-memory broker
 # does not model that crash (docs/worker.md says so). It races the consumer's restart, so the
-# test accepts either real outcome on 5.7 and only the clean one before.
+# tests accept either real outcome on 5.7 and only the clean one before.
 CELERY_CRASHES_ON_HELD_MESSAGES = tuple(int(p) for p in celery.__version__.split(".")[:2]) >= (5, 7)
 
 
@@ -317,7 +317,7 @@ def unacked_in_redis(task_id: str, queue: str) -> bool:
 
 @pytest.mark.holds_no_rabbitmq_delivery
 def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
-    broker_proxy: ProxyFactory, app: Any
+    broker_proxy: ProxyFactory, app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy = broker_proxy("redis")
     queue = new_queue()
@@ -326,6 +326,9 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     runs: list[float] = []
     started = [time.monotonic()]
     published = threading.Event()
+
+    def crashed() -> bool:
+        return "Unrecoverable error: AttributeError" in caplog.text
 
     @app.task(name="slow_ack", shared=False)
     def slow_ack() -> None:
@@ -340,12 +343,20 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     try:
         with start_worker(app, queue):
             started[0] = time.monotonic()
-            slow_ack.apply_async(queue=queue)
+            result = slow_ack.apply_async(queue=queue)
             published.set()
-            assert wait_until(lambda: len(runs) == 2, 15), proxy.timeline()
+            assert wait_until(lambda: len(runs) == 2 or crashed(), 15), proxy.timeline()
             time.sleep(0.5)  # room for a third run to show up
+            held_back = crashed() and unacked_in_redis(result.id, queue)
     finally:
         drain("redis", queue)
+    if CELERY_CRASHES_ON_HELD_MESSAGES and crashed():
+        # Celery 5.7 can stop the worker here too (seen once, on a machine loaded past its
+        # cores): the message it held stays in the unacked hash, for the next worker's sweep.
+        assert len(runs) == 1, runs
+        assert held_back
+        return
+    assert not crashed(), caplog.text
     # The consumer reconnects at t=3 (refused at t=1, then 2 s later); the message comes back
     # at t=6, visibility_timeout after its delivery. RabbitMQ would requeue it at once: the
     # second run would come at t=3.
