@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from broker_cleanup import forget
 from conftest import real_broker_url
 from hang_cases import CASES as HANG_CASES
 from hang_cases import HangCase
@@ -214,34 +215,6 @@ def rabbitmq_version() -> tuple[int, ...]:
         conn.connect()
         version = conn.connection.server_properties["version"]
     return tuple(int(part) for part in version.split(".")[:2])
-
-
-def forget(kind: str, queue: str, *redis_keys: str) -> int:
-    """Delete ``queue`` and what declaring it left on the real broker (the exchange Celery
-    named after it; kombu's binding keys on Redis); return how many messages it held."""
-    if kind == "redis":
-        import redis
-
-        client = redis.Redis.from_url(real_broker_url("redis"))
-        try:
-            depth: int = client.llen(queue)
-            bindings = [key for key in client.scan_iter(f"_kombu.binding*.{queue}")]
-            client.delete(queue, *redis_keys, *bindings)
-        finally:
-            client.close()
-        return depth
-    from amqp.exceptions import NotFound
-    from kombu import Connection
-
-    with Connection(real_broker_url("amqp"), connect_timeout=2) as conn:
-        channel = conn.channel()
-        try:
-            depth = channel.queue_declare(queue, passive=True).message_count
-        except NotFound:  # closes the channel
-            depth, channel = 0, conn.channel()
-        channel.queue_delete(queue)
-        channel.exchange_delete(queue)
-    return depth
 
 
 def consumers_of(queue: str) -> int:

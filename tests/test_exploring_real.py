@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_cleanup import forget
 from hypothesis import given, settings
 
 from pytest_celery_retry import FaultSchedule, Outage, assert_no_task_lost, assert_side_effect
@@ -177,18 +178,10 @@ def real(
         # The worker's output goes with a failure's report.
         print(worker.stop()[-4000:])
         try:
-            delete_queues(queue, f"{queue}-sink")
+            forget("amqp", queue)
+            forget("amqp", f"{queue}-sink")
         finally:
             publisher.close()
-
-
-def delete_queues(*queues: str) -> None:
-    from kombu import Connection
-    from kombu import Queue as KombuQueue
-
-    with Connection(os.environ["CELERY_RETRY_AMQP_URL"], connect_timeout=5) as conn:
-        for queue in queues:
-            KombuQueue(queue).bind(conn.default_channel).delete()
 
 
 # -- recipe 1: the seed's publish policy loses build_report's retry ----------------------------

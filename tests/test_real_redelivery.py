@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_cleanup import forget
 
 from tests.conftest import real_broker_url
 from tests.limits_figures import SWEEP_OPTIONS_WORK
@@ -78,19 +79,6 @@ def stop(worker: subprocess.Popen[bytes]) -> None:
             worker.wait(5)
 
 
-def forget(url: str, queue: str) -> None:
-    """Delete the test's queue (and on redis its unacked hash): the brokers are shared."""
-    from kombu import Connection, Queue
-
-    with Connection(url, connect_timeout=5) as conn:
-        bound = Queue(queue).bind(conn.default_channel)
-        while bound.get(no_ack=True) is not None:
-            pass
-        bound.delete()
-        if url.startswith("redis"):
-            conn.default_channel.client.delete(*unacked_keys(queue).values())
-
-
 def wait_until(condition: Any, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -124,7 +112,7 @@ def test_real_worker_killed_after_the_run(kind: str, acks_late: bool, tmp_path: 
     finally:
         for worker in workers:
             stop(worker)
-        forget(url, queue)
+        forget(kind, queue, *unacked_keys(queue).values())
     runs = read_runs(record)
     assert {run["id"] for run in runs} == {result.id}
     assert [(run["retries"], run["redelivered"]) for run in runs] == RUNS[acks_late]
