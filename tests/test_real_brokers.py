@@ -19,7 +19,6 @@ from broker_cleanup import forget
 from celery.signals import task_received
 from conftest import real_broker_url
 from kombu.exceptions import OperationalError
-from rabbitmq_node import rabbitmqctl
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pytest_celery_retry import assert_publish_retries
@@ -77,8 +76,8 @@ def drain(kind: str, queue: str, delete: bool = True) -> int:
 
 
 def left_on(kind: str, queue: str) -> list[str]:
-    """What the real broker holds named after ``queue``: Redis keys, RabbitMQ queues and
-    exchanges of the default virtual host."""
+    """What the real broker holds named after ``queue``: Redis keys; a RabbitMQ queue and
+    exchange of the default virtual host."""
     if kind == "redis":
         import redis
 
@@ -87,12 +86,22 @@ def left_on(kind: str, queue: str) -> list[str]:
             return sorted(key.decode() for key in client.scan_iter(f"*{queue}*"))
         finally:
             client.close()
-    names = [
-        f"{what} {name}"
-        for what in ("queues", "exchanges")
-        for name in rabbitmqctl(f"list_{what}", "-q", "-p", "/", "name").split()
-    ]
-    return sorted(name for name in names if queue in name)
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    found = []
+    with Connection(real_url("amqp"), connect_timeout=2) as conn:
+        for what in ("queue", "exchange"):
+            channel = conn.channel()
+            try:
+                if what == "queue":
+                    channel.queue_declare(queue, passive=True)
+                else:
+                    channel.exchange_declare(queue, "direct", passive=True)
+                found.append(f"{what} {queue}")
+            except NotFound:  # closes the channel
+                pass
+    return found
 
 
 @pytest.mark.real_broker
