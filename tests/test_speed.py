@@ -58,6 +58,14 @@ def test_a_clock_lists_only_the_modules_imported_since_the_last(
     assert module_listings == []
 
 
+def assert_patched_only_while_the_clock_runs(module: types.ModuleType, name: str) -> None:
+    """``module.name``, once ``time.time``, reads virtual time while a clock runs, and real
+    time again after it stops."""
+    with VirtualClock():
+        assert getattr(module, name) is freezegun.api.fake_time
+    assert getattr(module, name) is time.time
+
+
 @pytest.fixture
 def fresh_module() -> Iterator[types.ModuleType]:
     module = types.ModuleType("speed_fresh_module")
@@ -72,9 +80,7 @@ def test_a_module_that_gains_a_time_function_is_patched(fresh_module: types.Modu
     with VirtualClock():
         pass
     fresh_module.time = time.time  # type: ignore[attr-defined]  # as a later "from time import time"
-    with VirtualClock():
-        assert fresh_module.time is freezegun.api.fake_time
-    assert fresh_module.time is time.time
+    assert_patched_only_while_the_clock_runs(fresh_module, "time")
 
 
 def test_a_module_whose_names_change_at_the_same_count_is_listed_again(
@@ -85,9 +91,7 @@ def test_a_module_whose_names_change_at_the_same_count_is_listed_again(
         pass
     del fresh_module.clock  # type: ignore[attr-defined]
     fresh_module.now = time.time  # type: ignore[attr-defined]
-    with VirtualClock():
-        assert fresh_module.now is freezegun.api.fake_time
-    assert fresh_module.now is time.time
+    assert_patched_only_while_the_clock_runs(fresh_module, "now")
 
 
 def test_a_module_imported_while_the_clock_runs_gets_the_real_sleep_back(
@@ -227,9 +231,7 @@ def test_a_module_replaced_under_the_same_name_is_looked_at(
     replacement = types.ModuleType(fresh_module.__name__)
     replacement.time = time.time  # type: ignore[attr-defined]
     sys.modules[fresh_module.__name__] = replacement  # same name, same place in sys.modules
-    with VirtualClock():
-        assert replacement.time is freezegun.api.fake_time
-    assert replacement.time is time.time
+    assert_patched_only_while_the_clock_runs(replacement, "time")
 
 
 def test_a_module_that_gains_a_time_function_after_a_repeated_start_is_patched(
@@ -237,9 +239,7 @@ def test_a_module_that_gains_a_time_function_after_a_repeated_start_is_patched(
 ) -> None:
     _start_twice()
     fresh_module.now = time.time  # type: ignore[attr-defined]
-    with VirtualClock():
-        assert fresh_module.now is freezegun.api.fake_time
-    assert fresh_module.now is time.time
+    assert_patched_only_while_the_clock_runs(fresh_module, "now")
 
 
 def test_an_empty_module_does_not_hide_a_later_module_s_change(
@@ -257,9 +257,7 @@ def test_an_empty_module_does_not_hide_a_later_module_s_change(
         _start_twice()
         del fresh_module.clock  # type: ignore[attr-defined]
         fresh_module.now = time.time  # type: ignore[attr-defined]
-        with VirtualClock():
-            assert fresh_module.now is freezegun.api.fake_time
-        assert fresh_module.now is time.time
+        assert_patched_only_while_the_clock_runs(fresh_module, "now")
     finally:
         del sys.modules["speed_empty_module"]
 
