@@ -347,6 +347,11 @@ SWEEP_SLACK = 1.2
 CELERY_CRASHES_ON_HELD_MESSAGES = tuple(int(p) for p in celery.__version__.split(".")[:2]) >= (5, 7)
 
 
+def worker_crashed(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether the worker stopped on that AttributeError (logged as unrecoverable)."""
+    return "Unrecoverable error: AttributeError" in caplog.text
+
+
 def unacked_in_redis(task_id: str, queue: str) -> bool:
     """Whether the real Redis holds ``task_id`` in the test's unacked hash; forget it there."""
     import redis
@@ -376,9 +381,6 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
     started = [time.monotonic()]
     published = threading.Event()
 
-    def crashed() -> bool:
-        return "Unrecoverable error: AttributeError" in caplog.text
-
     @app.task(name="slow_ack", shared=False)
     def slow_ack() -> None:
         runs.append(time.monotonic() - started[0])
@@ -394,18 +396,19 @@ def test_redis_gives_a_message_whose_ack_failed_back_at_a_visibility_sweep(
             started[0] = time.monotonic()
             result = slow_ack.apply_async(queue=queue)
             published.set()
-            assert wait_until(lambda: len(runs) == 2 or crashed(), 15), proxy.timeline()
+            done = wait_until(lambda: len(runs) == 2 or worker_crashed(caplog), 15)
+            assert done, proxy.timeline()
             time.sleep(0.5)  # room for a third run to show up
-            held_back = crashed() and unacked_in_redis(result.id, queue)
+            held_back = worker_crashed(caplog) and unacked_in_redis(result.id, queue)
     finally:
         drain("redis", queue)
-    if CELERY_CRASHES_ON_HELD_MESSAGES and crashed():
+    if CELERY_CRASHES_ON_HELD_MESSAGES and worker_crashed(caplog):
         # Celery 5.7 can stop the worker here too (seen once, on a machine loaded past its
         # cores): the message it held stays in the unacked hash, for the next worker's sweep.
         assert len(runs) == 1, runs
         assert held_back
         return
-    assert not crashed(), caplog.text
+    assert not worker_crashed(caplog), caplog.text
     # The consumer reconnects at t=3 (refused at t=1, then 2 s later); the message comes back
     # at t=6, visibility_timeout after its delivery. RabbitMQ would requeue it at once: the
     # second run would come at t=3.
@@ -451,7 +454,7 @@ def test_redis_holds_back_an_eta_message_a_lost_connection_held(
     finally:
         task_received.disconnect(on_received)
         drain("redis", queue)
-    crashed = "Unrecoverable error: AttributeError" in caplog.text
+    crashed = worker_crashed(caplog)
     if CELERY_CRASHES_ON_HELD_MESSAGES and crashed:
         # Celery 5.7's crash is a race with the consumer's restart: on a loaded machine the
         # worker sometimes restarts cleanly and then behaves as Celery <= 5.6 (below).
